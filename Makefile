@@ -1,0 +1,29 @@
+# Bootstrap: `make demo` and `make test` are the README's two quickstart commands. Each creates
+# .venv on first use and installs the project with the extras the tests need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+# The CPU torch wheel goes in first so that the project's `torch>=2.4` is already satisfied and
+# pip never downloads CUDA wheels on a CPU machine.
+$(STAMP): setup.py Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,dali,onnx,eval]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m train demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
