@@ -1,0 +1,305 @@
+"""PartialFCHead: the model-parallel classifier with the cluster-guided losses.
+
+One step, on every rank (see docs/method.md for the formulas and docs/distributed.md for the
+gradient contracts):
+
+1. all-gather the embeddings (with gradient) and labels of the global batch;
+2. sample this rank's classes (all positives + random negatives);
+3. score the whole global batch against the sampled local class centers; apply the (possibly
+   cluster-guided) margin to target logits on their owner rank; distributed softmax cross-entropy;
+4. optional: cluster contrastive (or center / triplet) loss against the sampled cluster centers,
+   and the cluster-aligning loss between W and C for the batch's classes;
+5. in training mode, update this rank's shard of the Cluster-Center Bank from the gathered batch,
+   *after* the losses used the previous centers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .cluster import ClusterBank, ConcentrationStats, concentration_stats, normalized_concentration
+from .config import PartialFCConfig
+from .distributed import (
+    ParallelContext,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_no_grad,
+    check_equal_batch_sizes,
+)
+from .losses import center_loss, center_triplet_loss, cluster_aligning_loss, distributed_cross_entropy
+from .margins import apply_margin, build_margin
+from .sharding import ClassPartition, sample_classes, step_seed
+
+__all__ = ["PartialFCHead", "init_class_centers"]
+
+_INIT_BLOCK = 65536
+
+
+def init_class_centers(
+    start: int, size: int, embedding_size: int, std: float, seed: int, device=None
+) -> torch.Tensor:
+    """Initial rows ``[start, start + size)`` of W, independent of how classes are sharded.
+
+    Rows are drawn in fixed blocks of 65,536 classes, each from its own seeded generator, so class
+    ``y`` gets the same initial vector whatever the world size (a run on 2 ranks and on 8 ranks
+    start from the same W, and tests can rebuild the dense W).
+
+    Returns:
+        ``[size, embedding_size]`` fp32.
+    """
+    out = torch.empty(size, embedding_size)
+    first, last = start // _INIT_BLOCK, (start + size - 1) // _INIT_BLOCK
+    for block in range(first, last + 1):
+        b0 = block * _INIT_BLOCK
+        gen = torch.Generator().manual_seed(step_seed(seed, block, 0x5EED))
+        rows = torch.randn(_INIT_BLOCK, embedding_size, generator=gen) * std
+        lo, hi = max(start, b0), min(start + size, b0 + _INIT_BLOCK)
+        out[lo - start : hi - start] = rows[lo - b0 : hi - b0]
+    return out.to(device)
+
+
+class PartialFCHead(nn.Module):
+    """Sharded Partial FC classifier with CG-ArcFace, cluster contrastive and aligning losses.
+
+    Args:
+        config: A :class:`PartialFCConfig`; keyword options override its fields (or build one).
+        process_group: The model-parallel group (default group; single process when
+            ``torch.distributed`` is not initialised).
+        class_counts: Optional ``[num_classes]`` dataset image counts (feed the concentration).
+        device: Device of the shard's parameters and buffers.
+        **options: Any :class:`PartialFCConfig` field, e.g. ``num_classes=..., method="s6"``.
+
+    Attributes:
+        weight: ``[num_local_classes, embedding_size]`` Parameter, this rank's shard of W.
+        bank: The :class:`ClusterBank` of this shard, or ``None`` when the method needs none.
+        class_start: First class id owned by this rank.
+        num_local_classes: Classes owned by this rank.
+        last_stats: Floats from the latest training step (phi and margin statistics, sample size).
+    """
+
+    def __init__(
+        self,
+        config: Optional[PartialFCConfig] = None,
+        *,
+        process_group: Optional[dist.ProcessGroup] = None,
+        class_counts: Optional[torch.Tensor] = None,
+        device: Optional[torch.device] = None,
+        **options,
+    ) -> None:
+        super().__init__()
+        if config is None and "num_classes" not in options:
+            raise TypeError("PartialFCHead needs num_classes= (or a PartialFCConfig)")
+        self.config = PartialFCConfig.from_kwargs(config, **options) if options else config
+        cfg = self.config
+        self.ctx = ParallelContext.from_group(process_group)
+        self.partition = ClassPartition(cfg.num_classes, self.ctx.world_size)
+        self.class_start, end = self.partition.range(self.ctx.rank)
+        self.num_local_classes = end - self.class_start
+        self.weight = nn.Parameter(
+            init_class_centers(self.class_start, self.num_local_classes, cfg.embedding_size, cfg.init_std, cfg.seed, device)
+        )
+        preset = cfg.preset
+        self.margin_fn = build_margin(
+            preset.margin, m=cfg.margin_m, m1=cfg.m1, m2=cfg.m2, m3=cfg.m3,
+            m_min=cfg.m_min, m_max=cfg.m_max, direction=cfg.margin_direction,
+        )
+        self.uses_concentration = bool(getattr(self.margin_fn, "uses_concentration", False))
+        self.aux = preset.aux
+        self.align = preset.align
+        self.bank: Optional[ClusterBank] = None
+        if cfg.needs_bank:
+            local_counts = None
+            if class_counts is not None:
+                class_counts = torch.as_tensor(class_counts, dtype=torch.int64)
+                if class_counts.shape != (cfg.num_classes,):
+                    raise ValueError(
+                        f"class_counts must have shape ({cfg.num_classes},), got {tuple(class_counts.shape)}"
+                    )
+                local_counts = class_counts[self.class_start : end]
+            self.bank = ClusterBank(
+                self.num_local_classes, cfg.embedding_size, momentum=cfg.bank_momentum,
+                phi_momentum=cfg.phi_momentum, alpha=cfg.phi_alpha, class_counts=local_counts, device=device,
+            )
+        self.log_tau: Optional[nn.Parameter] = None
+        if self.aux == "contrastive" and cfg.temperature == "learnable":
+            self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau), device=device))
+            if self.ctx.is_distributed:
+                # Each rank's gradient covers only its shard's logits; the true gradient is their sum.
+                self.log_tau.register_hook(lambda g: all_reduce_no_grad(g, self.ctx))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
+        self.last_stats: dict[str, float] = {}
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"method={c.method}, num_classes={c.num_classes}, shard=[{self.class_start}, "
+            f"{self.class_start + self.num_local_classes}), rank={self.ctx.rank}/{self.ctx.world_size}, "
+            f"sample_rate={c.sample_rate}"
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def _validate(self, emb: torch.Tensor, labels: torch.Tensor) -> None:
+        cfg = self.config
+        if emb.dim() != 2 or emb.shape[1] != cfg.embedding_size:
+            raise ValueError(f"embeddings must be [B, {cfg.embedding_size}], got {tuple(emb.shape)}")
+        if labels.dim() != 1 or labels.shape[0] != emb.shape[0]:
+            raise ValueError(f"labels must be [B] with B={emb.shape[0]}, got {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+
+    def _check_global(self, global_emb: torch.Tensor, global_labels: torch.Tensor, local_batch: int) -> None:
+        # Both checks read gathered tensors, so every rank reaches the same verdict and raises
+        # together instead of leaving the others blocked in the next collective.
+        n = self.config.num_classes
+        bad_label = (global_labels < 0) | (global_labels >= n)
+        bad_emb = ~torch.isfinite(global_emb.detach()).all(dim=1)
+        flags = torch.stack([bad_label.any(), bad_emb.any()]).tolist()
+        if flags[0]:
+            i = int(torch.nonzero(bad_label)[0])
+            raise ValueError(
+                f"label {int(global_labels[i])} on rank {i // local_batch} (sample {i % local_batch}) is "
+                f"outside [0, {n}): check the dataset's class count against head.num_classes"
+            )
+        if flags[1]:
+            ranks = sorted({int(i) // local_batch for i in torch.nonzero(bad_emb).flatten()})
+            raise FloatingPointError(
+                f"non-finite embeddings from rank(s) {ranks}: the backbone diverged (lower the learning "
+                "rate, enable gradient clipping, or check the input data)"
+            )
+
+    def _lambda(self, local_class: torch.Tensor, stats: Optional[ConcentrationStats]) -> Optional[torch.Tensor]:
+        """Normalised concentration for target classes (NaN = warm-up margin)."""
+        cfg = self.config
+        if not self.uses_concentration or self.bank is None or int(self.step) < cfg.margin_warmup_steps:
+            return None
+        phi = self.bank.phi(local_class)
+        if stats is None:
+            return torch.full_like(phi, float("nan")) if cfg.margin_warmup_unseen else torch.ones_like(phi)
+        return normalized_concentration(phi, stats, unknown="nan" if cfg.margin_warmup_unseen else "max")
+
+    def _temperature(self, index: Optional[torch.Tensor], stats: Optional[ConcentrationStats], k: int, device):
+        cfg = self.config
+        if cfg.temperature == "learnable":
+            return self.log_tau.exp().expand(k)
+        if cfg.temperature == "fixed" or stats is None or stats.mean_clipped <= 0:
+            return torch.full((k,), cfg.tau, device=device)
+        phi = self.bank.phi(index)
+        phi = torch.where(torch.isnan(phi), torch.full_like(phi, stats.max), phi)
+        ratio = (phi.clamp(stats.lo, stats.hi) / stats.mean_clipped).clamp(*cfg.tau_ratio_range)
+        return cfg.tau * ratio
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One head step on this rank's batch.
+
+        Args:
+            local_embeddings: ``[B, D]`` backbone outputs of this rank (any float dtype).
+            local_labels: ``[B]`` integer class ids in ``[0, num_classes)``.
+
+        Returns:
+            Dict of scalars identical on every rank: ``loss`` (the total to back-propagate),
+            ``ce`` (margin softmax), ``con`` (the contrastive slot: Con, center or triplet loss),
+            ``ali`` (cluster aligning); disabled terms are zero tensors.
+
+        Raises:
+            ValueError: Labels outside ``[0, num_classes)``, wrong shapes, or unequal batch sizes
+                across ranks (raised on every rank).
+            FloatingPointError: Non-finite embeddings on any rank (raised on every rank).
+        """
+        cfg, ctx = self.config, self.ctx
+        self._validate(local_embeddings, local_labels)
+        device = local_embeddings.device
+        local_batch = local_embeddings.shape[0]
+        if cfg.validate_inputs:
+            check_equal_batch_sizes(local_batch, device, ctx)
+        global_labels = all_gather_no_grad(local_labels.to(torch.int64), ctx)
+        grad_scale = float(ctx.world_size) if cfg.embedding_grad == "ddp_mean" else 1.0
+        global_emb = all_gather_with_grad(local_embeddings, ctx, grad_scale)
+        if cfg.validate_inputs:
+            self._check_global(global_emb, global_labels, local_batch)
+
+        step = int(self.step)
+        gen = None
+        if cfg.sample_rate < 1.0:
+            gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, ctx.rank))
+        sampled = sample_classes(global_labels, self.class_start, self.num_local_classes, cfg.sample_rate, gen)
+        index, target = sampled.index, sampled.target
+        rows = torch.nonzero(target >= 0).squeeze(1)
+        cols = target[rows]
+        local_class = global_labels[rows] - self.class_start  # shard-local class of each target
+
+        stats = None
+        if self.bank is not None:
+            stats = concentration_stats(self.bank.phi(), ctx, cfg.phi_percentiles, cfg.phi_bins)
+
+        # Scores may run in autocast's low precision; everything after them is fp32.
+        feats = F.normalize(global_emb, dim=1)
+        weight = self.weight if index is None else self.weight[index]
+        cos = (feats @ F.normalize(weight, dim=1).t()).float()
+        with torch.autocast(device_type=device.type, enabled=False):
+            feats = feats.float()
+            cos = cos.clamp(-1.0, 1.0)
+            lam = self._lambda(local_class, stats)
+            params = self.margin_fn(lam, rows.numel(), device)
+            target_logit = apply_margin(cos[rows, cols], params, cfg.margin_grad)
+            logits = cos.index_put((rows, cols), target_logit) * cfg.s
+            ce = distributed_cross_entropy(logits, target, ctx)
+
+            zero = ce.new_zeros(())
+            con, ali = zero, zero
+            if self.aux is not None or self.align:
+                bank = self.bank
+                # A copy: the bank is updated in place below, before backward reads these centers.
+                centers = bank.centers.clone() if index is None else bank.centers[index]
+                valid = bank.valid(index)
+                own_valid = torch.zeros(target.shape[0], device=device)
+                own_valid[rows] = valid[cols].float()
+                sample_mask = all_reduce_no_grad(own_valid, ctx) > 0
+                if self.aux == "contrastive":
+                    tau = self._temperature(index, stats, centers.shape[0], device)
+                    con_logits = (feats @ centers.t()) / tau
+                    con_logits = con_logits.masked_fill(~valid.unsqueeze(0), -torch.inf)
+                    con = distributed_cross_entropy(con_logits, target, ctx, sample_mask)
+                elif self.aux == "center":
+                    con = center_loss(feats, target, centers, sample_mask, ctx)
+                elif self.aux == "triplet":
+                    con = center_triplet_loss(feats, target, centers, valid, sample_mask, cfg.triplet_margin, ctx)
+                if self.align:
+                    present = torch.unique(local_class)
+                    present = present[bank.valid(present)]
+                    ali = cluster_aligning_loss(self.weight[present], bank.centers[present], ctx)
+            loss = ce + cfg.con_weight * con + cfg.ali_weight * ali
+
+        if self.training:
+            self._record_stats(stats, params, sampled.num_sampled, ctx)
+            if self.bank is not None:
+                local_all = global_labels - self.class_start
+                in_shard = (local_all >= 0) & (local_all < self.num_local_classes)
+                self.bank.update(feats.detach(), torch.where(in_shard, local_all, torch.full_like(local_all, -1)))
+            self.step += 1
+        return {"loss": loss, "ce": ce, "con": con, "ali": ali}
+
+    def _record_stats(self, stats, params, num_sampled: int, ctx: ParallelContext) -> None:
+        s = {"num_sampled_local": float(num_sampled)}
+        if stats is not None:
+            s.update(phi_min=stats.min, phi_mean=stats.mean, phi_max=stats.max,
+                     phi_lo=stats.lo, phi_hi=stats.hi, phi_known=float(stats.num_known))
+        if params.m2.numel():  # the additive angular margin actually applied to this step's targets
+            s.update(margin_min=float(params.m2.min()), margin_max=float(params.m2.max()),
+                     margin_mean=float(params.m2.mean()))
+        if self.log_tau is not None:
+            s["tau"] = float(self.log_tau.detach().exp())
+        self.last_stats = s
+
+    @torch.no_grad()
+    def concentration(self) -> torch.Tensor:
+        """``[num_local_classes]`` phi of this shard (NaN where unknown); empty if no bank."""
+        if self.bank is None:
+            return torch.empty(0)
+        return self.bank.phi()
