@@ -113,8 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         opt.step()
         if rank == 0 and (step % 25 == 0 or step == 1):
             st = head.last_stats
-            print(f"[demo] step {step:4d}  loss {terms["loss"]:7.3f}  ce {terms["ce"]:7.3f}  "
-                  f"con {terms["con"]:6.3f}  ali {terms["ali"]:5.3f}  "
+            print(f"[demo] step {step:4d}  loss {terms['loss']:7.3f}  ce {terms['ce']:7.3f}  "
+                  f"con {terms['con']:6.3f}  ali {terms['ali']:5.3f}  "
                   f"phi[min/mean/max] {st.get('phi_min', float('nan')):.3f}/{st.get('phi_mean', float('nan')):.3f}/"
                   f"{st.get('phi_max', float('nan')):.3f}  margin {st.get('margin_mean', float('nan')):.3f}")
     if rank == 0:
