@@ -121,3 +121,26 @@ def test_init_independent_of_world_size():
     full = init_class_centers(0, 70000, 4, 0.01, 7)
     part = init_class_centers(65530, 100, 4, 0.01, 7)
     torch.testing.assert_close(part, full[65530:65630])
+
+
+@pytest.mark.parametrize("method,to_features,to_weight", [("s2", True, False), ("s3", False, True),
+                                                           ("s2_center", True, False), ("s2_triplet", True, False)])
+def test_auxiliary_gradient_paths(method, to_features, to_weight):
+    """Con/center/triplet send gradient to the features only; Ali to W only."""
+    torch.manual_seed(0)
+    labels = torch.arange(8) % 4
+    warm = torch.randn(8, 8)
+    grads = {}
+    for name in ("arcface", method):
+        head = PartialFCHead(num_classes=6, embedding_size=8, method=name, track_clusters=True, seed=1)
+        head(warm, labels)  # fills the bank so the auxiliary terms are active
+        head.weight.grad = None
+        emb = torch.randn(8, 8, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        out = head(emb, labels)
+        out["loss"].backward()
+        grads[name] = (emb.grad.clone(), head.weight.grad.clone())
+        if name == method:
+            assert float((out["con"] + out["ali"]).detach()) > 0
+    d_feat = (grads[method][0] - grads["arcface"][0]).abs().max()
+    d_w = (grads[method][1] - grads["arcface"][1]).abs().max()
+    assert (d_feat > 0) == to_features and (d_w > 0) == to_weight
