@@ -1,0 +1,84 @@
+"""Verification of a backbone on LFW-layout ``.bin`` pair sets (used in the training loop and by
+``pfc eval``).
+
+``.bin`` files are pickles in the wild; they are read only through
+``dali_pipelines.load_verification_bin``, whose restricted unpickler accepts lists of bytes and
+booleans and rejects anything else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .verification import VerificationResult, tar_at_far, ten_fold_accuracy
+
+__all__ = ["PairSet", "load_pair_set", "embed_images", "evaluate_pair_set"]
+
+
+class PairSet:
+    """Decoded images of a pair set: ``images [2P, 3, S, S]`` uint8 and ``issame [P]``."""
+
+    def __init__(self, name: str, images: torch.Tensor, issame: np.ndarray) -> None:
+        if images.shape[0] != 2 * len(issame):
+            raise ValueError(f"{name}: {images.shape[0]} images for {len(issame)} pairs (need two per pair)")
+        self.name, self.images, self.issame = name, images, np.asarray(issame, dtype=bool)
+
+
+def load_pair_set(path: str | Path, image_size: int = 112) -> PairSet:
+    """Reads and decodes a ``.bin`` pair set (safe loader) into uint8 CHW tensors.
+
+    Raises:
+        dali_pipelines.UnsafePickleError: The file contains anything but image bytes and flags.
+    """
+    from dali_pipelines import load_verification_bin
+    from dali_pipelines.decode import fit_size, get_decoder
+
+    path = Path(path)
+    blobs, issame = load_verification_bin(path)
+    decode = get_decoder("auto")
+    arr = np.stack([fit_size(decode(b), image_size) for b in blobs])
+    images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    return PairSet(path.stem, images, issame)
+
+
+@torch.no_grad()
+def embed_images(
+    model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
+    batch_size: int = 256, flip: bool = False, dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """L2-normalised embeddings of uint8 ``[N, 3, S, S]`` images.
+
+    With ``flip``, the embedding is the sum of the image's and its mirror's before normalising
+    (flip-test fusion).
+
+    Returns:
+        ``[N, D]`` fp32 on CPU.
+    """
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size].to(device).float().sub_(127.5).div_(127.5).to(dtype)
+        e = model(x).float()
+        if flip:
+            e = e + model(torch.flip(x, dims=[3])).float()
+        out.append(F.normalize(e, dim=1).cpu())
+    return torch.cat(out)
+
+
+def evaluate_pair_set(
+    model: Callable[[torch.Tensor], torch.Tensor], pairs: PairSet, device: torch.device,
+    batch_size: int = 256, flip: bool = False, fars: Sequence[float] = (1e-3, 1e-4),
+    dtype: torch.dtype = torch.float32,
+) -> VerificationResult:
+    """10-fold accuracy and TAR@FAR of ``model`` on a pair set (cosine similarity scores)."""
+    emb = embed_images(model, pairs.images, device, batch_size, flip, dtype)
+    scores = (emb[0::2] * emb[1::2]).sum(1).numpy()
+    acc, std, thr = ten_fold_accuracy(scores, pairs.issame)
+    return VerificationResult(
+        name=pairs.name, accuracy=acc, accuracy_std=std, threshold=thr,
+        tar=tar_at_far(scores, pairs.issame, fars), num_pairs=len(pairs.issame),
+    )
