@@ -1,0 +1,53 @@
+"""Data layer of partial-fc: RecordIO face datasets and training loaders.
+
+Public entry points:
+
+* ``build_train_loader`` - one output contract for DALI, PyTorch and synthetic loaders.
+* ``FaceRecordDataset`` / ``RecordReader`` / ``RecordWriter`` / ``InsightFaceWriter``.
+* ``load_verification_bin`` / ``write_verification_bin`` - safe LFW-style ``.bin`` I/O.
+* ``generate_synthetic_dataset`` and ``pack_folder`` - the ``synth`` and ``pack`` commands.
+
+Importing this package has no side effects and does not import DALI.
+"""
+
+from __future__ import annotations
+
+from .base import CorruptImageError, TrainLoader
+from .dataset import FaceRecordDataset, InsightFaceWriter
+from .loaders import build_train_loader
+from .recordio import IRHeader, RecordIOError, RecordReader, RecordWriter, pack_image_record, unpack_image_record
+from .verification_bin import UnsafePickleError, load_verification_bin, write_verification_bin
+
+
+def generate_synthetic_dataset(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """See ``dali_pipelines.synth.generate_synthetic_dataset``."""
+    from .synth import generate_synthetic_dataset as _gen
+
+    return _gen(*args, **kwargs)
+
+
+def pack_folder(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """See ``dali_pipelines.pack.pack_folder``."""
+    from .pack import pack_folder as _pack
+
+    return _pack(*args, **kwargs)
+
+
+__all__ = [
+    "CorruptImageError",
+    "FaceRecordDataset",
+    "IRHeader",
+    "InsightFaceWriter",
+    "RecordIOError",
+    "RecordReader",
+    "RecordWriter",
+    "TrainLoader",
+    "UnsafePickleError",
+    "build_train_loader",
+    "generate_synthetic_dataset",
+    "load_verification_bin",
+    "pack_folder",
+    "pack_image_record",
+    "unpack_image_record",
+    "write_verification_bin",
+]
