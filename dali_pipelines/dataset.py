@@ -204,7 +204,7 @@ class FaceRecordDataset:
             rng = f"[0{hi}" if num_classes is not None else "non-negative integers"
             raise RecordIOError(
                 f"{self.rec_path}: image record key {int(self.image_keys[i])} at offset "
-                f"{int(self.image_offsets[i])} has label {labels_f[i]!r} outside {rng}; "
+                f"{int(self.image_offsets[i])} has label {float(labels_f[i])!r} outside {rng}; "
                 f"{int(bad.sum())} record(s) affected. Re-pack the data or pass the right "
                 "num_classes."
             )
