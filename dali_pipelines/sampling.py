@@ -33,6 +33,7 @@ def epoch_total(num_samples: int, batch_size: int, world_size: int, tail: Tail) 
     samples of the shuffled order are dropped, different ones each epoch);
     ``pad`` rounds up, repeating samples from the start of the order.
     """
+    _check(num_samples, batch_size, 0, world_size, tail)
     g = batch_size * world_size
     if tail == "drop":
         total = (num_samples // g) * g
