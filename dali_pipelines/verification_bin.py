@@ -13,11 +13,15 @@ resolves names only from a fixed allow-list:
 * for numpy boolean arrays/scalars found in real files, exactly
   ``numpy.core.multiarray._reconstruct`` (and its numpy-2 spelling
   ``numpy._core.multiarray._reconstruct``), ``numpy.ndarray``, ``numpy.dtype``
-  and ``numpy.core.multiarray.scalar``. These only allocate an array / dtype /
-  scalar from the bytes given; an object-dtype array's elements are further
-  pickled objects and go through the same allow-list, so they cannot smuggle in
-  a callable. After loading, the result must have the exact expected shape
-  (list of bytes, booleans), else it is rejected.
+  and ``numpy.core.multiarray.scalar``;
+* ``_codecs.encode``, replaced by a function that only turns a str into bytes
+  with latin-1 (how Python 3 writes ``bytes`` in protocol-2 pickles).
+
+The numpy entries only allocate an array / dtype / scalar from the bytes given;
+an object-dtype array's elements are further pickled objects and go through the
+same allow-list, so they cannot smuggle in a callable. ``persistent_load`` is
+refused. After loading, the result must have the exact expected structure (a
+list of bytes, booleans, two images per pair), else it is rejected.
 
 Anything else raises ``UnsafePickleError`` naming the file and the refused
 global, before anything is called.
@@ -54,7 +58,19 @@ def _np_scalar() -> Any:
     return scalar
 
 
+def _latin1_encode(text: Any, encoding: str = "latin1") -> bytes:
+    """Stand-in for ``_codecs.encode`` as used by protocol-2 pickles of ``bytes``.
+
+    Python 3 pickles ``bytes`` at protocol <= 2 as ``_codecs.encode(str, 'latin1')``.
+    Only that exact use is accepted: a str and the latin-1 codec, nothing else.
+    """
+    if not isinstance(text, str) or encoding.lower().replace("-", "").replace("_", "") != "latin1":
+        raise UnsafePickleError(f"_codecs.encode is allowed only for latin-1 text, got {encoding!r}")
+    return text.encode("latin-1")
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
+    ("_codecs", "encode"): lambda: _latin1_encode,
     ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
     ("numpy.core.multiarray", "scalar"): _np_scalar,
