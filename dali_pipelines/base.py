@@ -170,6 +170,9 @@ class TrainLoader:
                 uint8 when not ``normalized``.
             labels: ``[B]`` integer labels.
         """
+        if not normalized and self.device.type == "cpu" and layout == "NHWC":
+            images = _normalize_nhwc_numpy(images, self.memory_format == torch.channels_last)
+            layout, normalized = "NCHW", True
         images = images.to(self.device, non_blocking=True)
         if layout == "NHWC":
             images = images.permute(0, 3, 1, 2)  # a channels_last view, no copy
@@ -180,3 +183,19 @@ class TrainLoader:
         images = images.contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True).to(torch.int64).reshape(-1)
         return images, labels
+
+
+def _normalize_nhwc_numpy(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``[B, H, W, 3]`` uint8 -> ``[B, 3, H, W]`` float32 ``(x - 127.5) / 127.5`` on the CPU.
+
+    numpy rather than torch: torch's OpenMP pool busy-waits after each parallel
+    op, which on a small machine steals the cores the decode workers need.
+    """
+    a = images.numpy()
+    if not channels_last:
+        a = np.ascontiguousarray(a.transpose(0, 3, 1, 2))  # transpose while 1 byte/px
+    y = a.astype(np.float32)
+    y -= np.float32(127.5)
+    y /= np.float32(127.5)
+    t = torch.from_numpy(y)
+    return t if not channels_last else t.permute(0, 3, 1, 2)

@@ -36,10 +36,15 @@ GPU_DECODER_DEFAULTS: dict[str, Any] = {
     # Share of images sent to the A100/H100 hardware JPEG engine; the rest go to
     # the CUDA decoder. ~0.65-0.75 balances both on those GPUs.
     "hw_decoder_load": 0.65,
-    # Images above this many pixels get GPU Huffman decoding. A 112x112 crop has
-    # 12,544 pixels: CPU Huffman is cheaper for such tiny images, so keep the
-    # threshold above that and let CPU threads do entropy decoding.
+    # Images above this many pixels use nvJPEG's hybrid Huffman decoder, smaller
+    # ones the host-side Huffman decoder. A 112x112 crop has 12,544 pixels; for
+    # such tiny images host-side entropy decoding in DALI's CPU threads is the
+    # cheap path, so the threshold stays far above that (stated explicitly so a
+    # change of DALI's default cannot silently move small images).
     "hybrid_huffman_threshold": 1_000_000,
+    # Same chroma upsampling as the CPU decoder (libjpeg-turbo "fancy"), so GPU
+    # batches match the CPU path and the PyTorch fallback within rounding.
+    "jpeg_fancy_upsampling": True,
 }
 
 
