@@ -20,12 +20,17 @@ from .base import Batch, CorruptImageError, TrainLoader
 from .dataset import FaceRecordDataset
 from .decode import Backend, fit_size, get_decoder
 
-BatchSpec = tuple[np.ndarray, np.ndarray]
+BatchSpec = tuple[np.ndarray, np.ndarray, int]  # (indices [B], flips [B], ring slot or -1)
 Failure = tuple[int, str, str]  # (image index, location, reason)
 
 
-class BatchDecoder(Dataset[tuple[torch.Tensor, torch.Tensor, list[Failure]]]):
-    """Maps a batch spec ``(indices [B], flips [B])`` to a decoded batch.
+class BatchDecoder(Dataset[tuple[torch.Tensor | int, torch.Tensor, list[Failure]]]):
+    """Maps a batch spec ``(indices [B], flips [B], slot)`` to a decoded batch.
+
+    With a ``ring`` (shared-memory ``[R, B, S, S, 3]`` uint8, created before the
+    workers fork) and ``slot >= 0``, the batch is decoded into ``ring[slot]`` and
+    only the slot number travels back: no per-batch shared-memory segment, file
+    descriptor passing or page faults.
 
     Args:
         dataset: The image records.
@@ -35,10 +40,13 @@ class BatchDecoder(Dataset[tuple[torch.Tensor, torch.Tensor, list[Failure]]]):
         channels_last: With ``normalize``, return channels_last memory format.
         strict: Raise ``CorruptImageError`` on an undecodable record instead of
             substituting another image of the same batch.
+        ring: Optional shared output buffers (see above).
     """
 
     def __init__(self, dataset: FaceRecordDataset, image_size: int = 112, backend: Backend = "auto",
-                 normalize: bool = True, channels_last: bool = False, strict: bool = False) -> None:
+                 normalize: bool = True, channels_last: bool = False, strict: bool = False,
+                 ring: torch.Tensor | None = None) -> None:
+        self.ring = ring
         self.dataset = dataset
         self.image_size = image_size
         self.backend = backend
@@ -49,15 +57,17 @@ class BatchDecoder(Dataset[tuple[torch.Tensor, torch.Tensor, list[Failure]]]):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, spec: BatchSpec) -> tuple[torch.Tensor, torch.Tensor, list[Failure]]:  # type: ignore[override]
-        indices, flips = spec
+    def __getitem__(self, spec: BatchSpec) -> tuple[torch.Tensor | int, torch.Tensor, list[Failure]]:  # type: ignore[override]
+        indices, flips = spec[0], spec[1]
+        slot = spec[2] if len(spec) > 2 else -1
         decode = get_decoder(self.backend)
         s = self.image_size
-        out_t = torch.empty((len(indices), s, s, 3), dtype=torch.uint8)
-        if not self.normalize and torch.utils.data.get_worker_info() is not None:
-            # Decode straight into shared memory: the batch then crosses to the
-            # main process without the copy DataLoader would otherwise make.
-            out_t.share_memory_()
+        use_ring = self.ring is not None and slot >= 0 and not self.normalize
+        if use_ring:
+            assert self.ring is not None
+            out_t = self.ring[slot, : len(indices)]
+        else:
+            out_t = torch.empty((len(indices), s, s, 3), dtype=torch.uint8)
         out = out_t.numpy()
         ok = np.ones(len(indices), dtype=bool)
         failures: list[Failure] = []
@@ -96,7 +106,7 @@ class BatchDecoder(Dataset[tuple[torch.Tensor, torch.Tensor, list[Failure]]]):
                 # Transpose while still uint8: 4x fewer bytes to move than in float.
                 images = images.contiguous()
             images = images.to(torch.float32).sub_(127.5).div_(127.5)
-        return images, torch.from_numpy(labels), failures
+        return (slot if use_ring else images), torch.from_numpy(labels), failures
 
 
 class _SpecSampler:
@@ -140,6 +150,16 @@ class TorchRecordLoader(TrainLoader):
             channels_last=self.memory_format == torch.channels_last, strict=strict,
         )
         self._normalized = on_cpu
+        self._ring_slots = 0
+        if self.num_workers > 0 and not on_cpu:
+            # A slot is reused only after the batch that used it was consumed: at
+            # most prefetch_factor * num_workers tasks are in flight, plus the one
+            # being converted. An abandoned epoch is drained by the DataLoader
+            # (persistent workers finish stale tasks before acknowledging the reset).
+            self._ring_slots = self.prefetch_factor * self.num_workers + 2
+            ring = torch.empty((self._ring_slots, self.batch_size, self.image_size, self.image_size, 3),
+                               dtype=torch.uint8).share_memory_()
+            self._decoder.ring = ring
         self._sampler = _SpecSampler()
         self._dl: DataLoader | None = None  # type: ignore[type-arg]
 
@@ -154,10 +174,11 @@ class TorchRecordLoader(TrainLoader):
         return self.dataset.class_counts
 
     def batch_specs(self) -> list[BatchSpec]:
-        """The remaining batches of the current epoch as ``(indices, flips)`` pairs."""
+        """The remaining batches of the current epoch as ``(indices, flips, slot)``."""
         idx, flips = self.epoch_plan()
-        b = self.batch_size
-        return [(idx[i : i + b], flips[i : i + b]) for i in range(0, len(idx), b)]
+        b, r = self.batch_size, self._ring_slots
+        return [(idx[i : i + b], flips[i : i + b], (k % r) if r else -1)
+                for k, i in enumerate(range(0, len(idx), b))]
 
     def _iter_batches(self) -> Iterator[Batch]:
         self._sampler.specs = self.batch_specs()
@@ -171,9 +192,13 @@ class TorchRecordLoader(TrainLoader):
                 kw = {"prefetch_factor": self.prefetch_factor, "persistent_workers": True}
             self._dl = DataLoader(
                 self._decoder, batch_size=None, sampler=self._sampler, num_workers=self.num_workers,
-                pin_memory=self.device.type == "cuda", **kw,  # type: ignore[arg-type]
+                pin_memory=self.device.type == "cuda" and not self._ring_slots,
+                **kw,  # type: ignore[arg-type]
             )
         for images, labels, failures in self._dl:
+            if isinstance(images, int):
+                assert self._decoder.ring is not None
+                images = self._decoder.ring[images]  # converted (copied) by _finish below
             for i, where, reason in failures:
                 self._note_skip(where, int(self.dataset.image_keys[i]), reason)
             if self._normalized:
