@@ -92,7 +92,7 @@ class FaceRecordDataset:
         if len(keys) == 0:
             raise RecordIOError(f"{self.rec_path}: file contains no records")
         header = None
-        if layout in ("auto", "insightface") and 0 in reader.key_pos:
+        if layout in ("auto", "insightface") and reader.has_key(0):
             rec0 = reader.read_image(0)
             h = rec0.header
             if h.flag > 0 and rec0.label is not None and rec0.label.size >= 2 and not rec0.payload:
@@ -114,11 +114,13 @@ class FaceRecordDataset:
                 )
             img_keys = np.arange(1, a, dtype=np.int64)
             id_keys = np.arange(a, b, dtype=np.int64)
-            missing = [int(k) for k in np.concatenate([img_keys, id_keys]) if int(k) not in reader.key_pos]
-            if missing:
+            all_keys = np.concatenate([img_keys, id_keys])
+            found = reader.positions(all_keys)
+            if (found < 0).any():
+                missing = all_keys[found < 0]
                 raise RecordIOError(
                     f"{self.idx_path or self.rec_path}: header says keys 1..{b - 1} exist but "
-                    f"{len(missing)} are missing (first: {missing[0]})"
+                    f"{len(missing)} are missing (first: {int(missing[0])})"
                 )
             ranges = np.zeros((len(id_keys), 2), dtype=np.int64)
             for i, k in enumerate(id_keys):
@@ -137,7 +139,7 @@ class FaceRecordDataset:
                     "identity records; drop num_classes or fix the file"
                 )
             num_classes = n_classes
-            pos = np.fromiter((reader.key_pos[int(k)] for k in img_keys), dtype=np.int64, count=len(img_keys))
+            pos = found[: len(img_keys)]
         else:
             self.layout = "plain"
             pos = np.argsort(offsets, kind="stable")  # file order is the natural order

@@ -395,7 +395,28 @@ class RecordReader:
             self.idx_path = str(idx_path)
             self.keys, self.offsets = read_index(idx_path)
             self._check_offsets()
-        self.key_pos: dict[int, int] = {int(k): i for i, k in enumerate(self.keys)}
+        # Sorted keys + searchsorted instead of a dict: a dict of millions of
+        # Python ints costs ~100 bytes per record in every worker process.
+        self._order = np.argsort(self.keys, kind="stable")
+        self._sorted_keys = self.keys[self._order]
+
+    def positions(self, keys: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Index positions of ``keys`` (``[K] int64``), -1 where a key is absent."""
+        k = np.asarray(keys, dtype=np.int64)
+        if len(self._sorted_keys) == 0:
+            return np.full(k.shape, -1, dtype=np.int64)
+        j = np.searchsorted(self._sorted_keys, k)
+        j = np.minimum(j, len(self._sorted_keys) - 1)
+        found = self._sorted_keys[j] == k
+        return np.where(found, self._order[j], -1).astype(np.int64)
+
+    def has_key(self, key: int) -> bool:
+        """Whether the index has ``key``."""
+        return bool(self.positions([key])[0] >= 0)
+
+    def _pos_of(self, key: int) -> int | None:
+        i = int(self.positions([key])[0])
+        return None if i < 0 else i
 
     def _check_offsets(self) -> None:
         if len(self.offsets) == 0:
@@ -423,15 +444,14 @@ class RecordReader:
 
     def read(self, key: int) -> bytes:
         """Returns the payload of the record with index key ``key``."""
-        try:
-            i = self.key_pos[int(key)]
-        except KeyError:
-            raise KeyError(f"{self.rec_path}: no record with key {key}") from None
+        i = self._pos_of(key)
+        if i is None:
+            raise KeyError(f"{self.rec_path}: no record with key {key}")
         return self.read_at(int(self.offsets[i]))
 
     def read_image(self, key: int) -> ImageRecord:
         """Reads and parses the image record with key ``key``."""
-        i = self.key_pos.get(int(key))
+        i = self._pos_of(key)
         if i is None:
             raise KeyError(f"{self.rec_path}: no record with key {key}")
         off = int(self.offsets[i])
@@ -439,7 +459,10 @@ class RecordReader:
 
     def offset_of(self, key: int) -> int:
         """Byte offset of the record with key ``key``."""
-        return int(self.offsets[self.key_pos[int(key)]])
+        i = self._pos_of(key)
+        if i is None:
+            raise KeyError(f"{self.rec_path}: no record with key {key}")
+        return int(self.offsets[i])
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
         for k, off in zip(self.keys, self.offsets):
