@@ -20,8 +20,9 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -136,9 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"dataset {rec}: {len(ds)} images, {ds.num_classes} classes; batch {bs}; "
           f"{os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
     print(f"{'configuration':<44} {'wall':>15} {'per CPU-second':>19}")
-    results = []
-    run = lambda name, make: results.append(_measure(name, make, bs, args.batches, args.warmup,
-                                                             args.repeats))  # noqa: E731
+    results: list[dict[str, Any]] = []
+
+    def run(name: str, make: Callable[[], Iterable[Any]]) -> None:
+        results.append(_measure(name, make, bs, args.batches, args.warmup, args.repeats))
 
     if "pil" not in args.skip:
         run("plain PIL loop (1 process)", lambda: pil_baseline(ds, bs))

@@ -15,32 +15,32 @@ from __future__ import annotations
 from .base import CorruptImageError, TrainLoader
 from .dataset import FaceRecordDataset, InsightFaceWriter
 from .loaders import build_train_loader
-from .recordio import IRHeader, RecordIOError, RecordReader, RecordWriter, pack_image_record, unpack_image_record
-from .verification_bin import UnsafePickleError, load_verification_bin, write_verification_bin
-
-
-def generate_synthetic_dataset(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """See ``dali_pipelines.synth.generate_synthetic_dataset``."""
-    from .synth import generate_synthetic_dataset as _gen
-
-    return _gen(*args, **kwargs)
-
-
-def pack_folder(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """See ``dali_pipelines.pack.pack_folder``."""
-    from .pack import pack_folder as _pack
-
-    return _pack(*args, **kwargs)
-
+from .pack import PackSummary, pack_folder
+from .recordio import (
+    IRHeader,
+    RecordIOError,
+    RecordReader,
+    RecordWriter,
+    pack_image_record,
+    unpack_image_record,
+)
+from .synth import SynthConfig, generate_synthetic_dataset
+from .verification_bin import (
+    UnsafePickleError,
+    load_verification_bin,
+    write_verification_bin,
+)
 
 __all__ = [
     "CorruptImageError",
     "FaceRecordDataset",
     "IRHeader",
+    "PackSummary",
     "InsightFaceWriter",
     "RecordIOError",
     "RecordReader",
     "RecordWriter",
+    "SynthConfig",
     "TrainLoader",
     "UnsafePickleError",
     "build_train_loader",

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,7 +177,7 @@ def mxnet_reader_pipeline(rec_path: str | os.PathLike[str], index_path: str | os
 class _Feeder:
     """``external_source`` callback: yields batches ``start, start+1, ...`` of a plan."""
 
-    def __init__(self, loader: "DaliRecordLoader", idx: np.ndarray, flips: np.ndarray, start: int):
+    def __init__(self, loader: DaliRecordLoader, idx: np.ndarray, flips: np.ndarray, start: int):
         self.loader = loader
         self.idx = idx
         self.flips = flips.astype(np.int32)

@@ -356,7 +356,7 @@ class InsightFaceWriter:
         self._w.overwrite(self._header_offset, self._pack([float(first_id), float(end)], b"", id=0))
         self._w.close()
 
-    def __enter__(self) -> "InsightFaceWriter":
+    def __enter__(self) -> InsightFaceWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,7 +9,8 @@ agree with DALI's within rounding.
 from __future__ import annotations
 
 import io
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 from PIL import Image

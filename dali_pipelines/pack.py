@@ -14,9 +14,9 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from PIL import Image, UnidentifiedImageError
 

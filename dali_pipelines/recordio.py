@@ -25,9 +25,10 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, NamedTuple, Sequence
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -242,7 +243,7 @@ def read_index(idx_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
     """
     keys: list[int] = []
     offsets: list[int] = []
-    with open(idx_path, "r", encoding="ascii") as f:
+    with open(idx_path, encoding="ascii") as f:
         for lineno, line in enumerate(f, 1):
             fields = line.split()
             if not fields:
@@ -333,7 +334,7 @@ class RecordWriter:
         if self.idx_path is not None:
             write_index(self.idx_path, self._keys, self._offsets)
 
-    def __enter__(self) -> "RecordWriter":
+    def __enter__(self) -> RecordWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -481,7 +482,7 @@ class RecordReader:
         if hasattr(self, "_file"):
             self.close()
 
-    def __enter__(self) -> "RecordReader":
+    def __enter__(self) -> RecordReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,7 +10,7 @@ workers (``normalize_in_workers=True``) per CPU-second (docs/performance.md).
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -100,3 +100,21 @@ def test_import_has_no_side_effects() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_loader_benchmark_smoke(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_loader.py"
+    spec = importlib.util.spec_from_file_location("bench_loader", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--synth-identities", "4", "--synth-images", "4", "--batch-size", "4", "--batches", "2",
+                     "--warmup", "1", "--repeats", "1", "--threads", "1", "--workers", "0",
+                     "--decoders", "pil", "--json", str(out)])
+    assert rc == 0
+    names = [r["name"] for r in json.loads(out.read_text())["results"]]
+    assert any("PIL loop" in n for n in names) and any("DALI CPU" in n for n in names)
+    assert any("torch fallback" in n for n in names)

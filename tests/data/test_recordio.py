@@ -19,7 +19,7 @@ from dali_pipelines.recordio import (
     unpack_image_record,
 )
 
-from .conftest import make_jpeg, write_insightface
+from .conftest import make_jpeg
 
 M = struct.pack("<I", MAGIC)
 

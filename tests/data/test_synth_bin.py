@@ -11,8 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dali_pipelines import FaceRecordDataset, UnsafePickleError, load_verification_bin, write_verification_bin
-from dali_pipelines.synth import SynthConfig, generate_synthetic_dataset, identity_params
+from dali_pipelines import (
+    FaceRecordDataset,
+    UnsafePickleError,
+    load_verification_bin,
+    write_verification_bin,
+)
+from dali_pipelines.synth import (
+    SynthConfig,
+    generate_synthetic_dataset,
+    identity_params,
+)
 
 from .conftest import make_jpeg
 
