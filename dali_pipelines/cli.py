@@ -1,0 +1,75 @@
+"""Command line of the data layer: ``pack`` and ``synth``.
+
+``main(argv)`` is importable without side effects; the project CLI ``pfc``
+delegates ``pfc pack`` / ``pfc synth`` to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def build_parser(prog: str = "python -m dali_pipelines") -> argparse.ArgumentParser:
+    """The argparse parser with the ``pack`` and ``synth`` subcommands."""
+    parser = argparse.ArgumentParser(prog=prog, description="partial-fc data tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pack", help="image folder tree (one sub-folder per identity) -> .rec/.idx")
+    p.add_argument("root", type=Path, help="folder with one sub-folder of images per identity")
+    p.add_argument("out", type=Path, help="output .rec path (the .idx is written next to it)")
+    p.add_argument("--size", type=int, default=112, help="output side in pixels (default 112)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("synth", help="deterministic synthetic identity dataset")
+    s.add_argument("--out", type=Path, required=True, help="output directory")
+    s.add_argument("--identities", type=int, default=500, help="training identities")
+    s.add_argument("--images", type=int, default=40, help="images per training identity")
+    s.add_argument("--ver-identities", type=int, default=100, help="verification identities")
+    s.add_argument("--ver-images", type=int, default=10, help="images per verification identity")
+    s.add_argument("--ver-pairs", type=int, default=1000, help="verification pairs (half positive)")
+    s.add_argument("--cluster-identities", type=int, default=50, help="clustering identities")
+    s.add_argument("--cluster-images", type=int, default=20, help="images per clustering identity")
+    s.add_argument("--size", type=int, default=112, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0, help="master seed")
+    s.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    s.add_argument("--difficulty", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                   help="identity difficulty range (default 0 1)")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs a data command; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "pack":
+            from .pack import pack_folder
+
+            summary = pack_folder(args.root, args.out, size=args.size, quality=args.quality,
+                                  workers=args.workers, progress=not args.no_progress)
+            print(summary.format())
+            return 0 if summary.images else 1
+        if args.command == "synth":
+            from .synth import SynthConfig, generate_synthetic_dataset
+
+            cfg = SynthConfig(
+                train_identities=args.identities, images_per_identity=args.images,
+                ver_identities=args.ver_identities, ver_images_per_identity=args.ver_images,
+                ver_pairs=args.ver_pairs, cluster_identities=args.cluster_identities,
+                cluster_images_per_identity=args.cluster_images, image_size=args.size,
+                seed=args.seed, jpeg_quality=args.quality, difficulty_range=tuple(args.difficulty),
+            )
+            print(json.dumps(generate_synthetic_dataset(args.out, cfg, workers=args.workers,
+                                                        progress=not args.no_progress)))
+            return 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)  # argparse restricts the choices
