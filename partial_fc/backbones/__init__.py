@@ -9,6 +9,6 @@ Importing this package registers every backbone; build them by name::
 from .registry import build_backbone, list_backbones, register_backbone
 
 # Imported for their registration side effect.
-from . import iresnet  # noqa: E402,F401  isort: skip
+from . import iresnet, mobilefacenet, vit  # noqa: E402,F401  isort: skip
 
 __all__ = ["build_backbone", "list_backbones", "register_backbone"]
