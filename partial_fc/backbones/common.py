@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -27,11 +29,21 @@ class EmbeddingNeck(nn.Module):
 
     def __init__(self, in_features: int, num_features: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_features, num_features)
+        # No bias: the BatchNorm1d right after subtracts the batch mean, so a bias would get
+        # exactly zero gradient in training and only shift the output in evaluation.
+        self.fc = nn.Linear(in_features, num_features, bias=False)
         self.bn = nn.BatchNorm1d(num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        device_type = x.device.type
+        # Devices without autocast support (e.g. "meta", used for cheap shape/parameter checks)
+        # cannot be under autocast either, so there is nothing to disable there.
+        ctx = (
+            torch.autocast(device_type=device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()
+        )
+        with ctx:
             # Follow the weights' dtype rather than hard-coding float32: under autocast the
             # weights are fp32 (so this is a cast to float), and a model cast wholesale to half
             # precision still runs instead of failing on a dtype mismatch.

@@ -132,7 +132,8 @@ class IResNet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, IBasicBlock):
