@@ -61,7 +61,9 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
-        self.attn_drop = attn_drop
+        # Held as a module (not a float) so that, like every other dropout, it follows the
+        # train/eval state of an nn.Dropout; SDPA applies it inside the fused kernel.
+        self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, heads, N, head_dim]
         x = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0
+            q, k, v, dropout_p=self.attn_drop.p if self.attn_drop.training else 0.0
         )
         x = x.transpose(1, 2).reshape(b, n, d)
         return self.proj_drop(self.proj(x))
