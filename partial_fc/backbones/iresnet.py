@@ -207,7 +207,7 @@ def iresnet_nano(
     """Tiny iResNet for CPU demos and tests.
 
     Same block and neck as the ArcFace iResNets, but a stride-2 stem (the trunk starts at 56x56
-    and ends at 4x4), an 8-channel stem and one block per stage with widths 8/32/64/128, so a
+    and ends at 4x4), a 16-channel stem and one block per stage with widths 16/32/48/96, so a
     2-core CPU trains it at a few hundred images per second (see docs/backbones.md). Accuracy
     is far below r50; it exists to make end-to-end runs cheap, not to be deployed.
 
@@ -221,12 +221,15 @@ def iresnet_nano(
     """
     return IResNet(
         (1, 1, 1, 1),
-        # The first stage runs at 56x56 and dominates the cost, so it is kept very narrow;
-        # capacity goes to the cheap low-resolution stages.
-        widths=(8, 32, 64, 128),
+        # The first stage runs at 56x56 and dominates the cost, so it is kept narrow. Nothing
+        # is narrower than 16 channels: oneDNN's 1x1 stride-2 convolution backward with
+        # channels_last and fewer input channels than its SIMD block (8 or 16) corrupts the
+        # heap (seen here with torch 2.13 CPU; uxlfoundation/oneDNN#6035), and every
+        # downsample shortcut is exactly such a convolution.
+        widths=(16, 32, 48, 96),
         num_features=num_features,
         dropout=dropout,
         zero_init_residual=zero_init_residual,
-        stem_width=8,
+        stem_width=16,
         stem_stride=2,
     )

@@ -22,7 +22,7 @@ SMALL = ["iresnet_nano", "mobilefacenet", "vit_t"]
 
 # Exact counts with num_features=512 catch accidental architecture changes.
 PARAMS = {
-    "iresnet_nano": 1_351_656,
+    "iresnet_nano": 974_016,
     "mobilefacenet": 1_200_512,
     "r18": 24_025_088,
     "r34": 34_138_816,
@@ -155,7 +155,11 @@ def test_gradients_reach_every_parameter(name):
     for pname, p in model.named_parameters():
         assert p.grad is not None, pname
         assert torch.isfinite(p.grad).all(), pname
-        assert p.grad.abs().sum() > 0, pname
+        # A bias whose every downstream path starts with a batch-statistics BN (e.g. bn3.bias
+        # of the last block of a stage) has a mathematically zero gradient in training mode,
+        # so only weights must be nonzero.
+        if not pname.endswith("bias"):
+            assert p.grad.abs().sum() > 0, pname
 
 
 def _stochastic_modules_to_eval(model: nn.Module) -> None:
@@ -197,6 +201,33 @@ def test_channels_last_matches_contiguous(name):
         cl_both = model(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(cl_input, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cl_both, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n.startswith("r") or "iresnet" in n])
+def test_strided_1x1_convs_avoid_onednn_narrow_channel_bug(name):
+    # oneDNN's channels_last 1x1 stride-2 conv backward corrupts the heap (or silently returns
+    # wrong weight gradients) when in_channels < its SIMD block; see iresnet_nano.
+    with torch.device("meta"):
+        model = build_backbone(name)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1):
+            assert m.in_channels >= 16
+
+
+def test_channels_last_training_gradients_match():
+    ref_model = build_backbone("iresnet_nano").train()
+    cl_model = build_backbone("iresnet_nano").train()
+    cl_model.load_state_dict(ref_model.state_dict())
+    cl_model = cl_model.to(memory_format=torch.channels_last)
+    x = _images(4)
+    w = torch.randn(4, 512)
+    (ref_model(x) * w).sum().backward()
+    (cl_model(x.contiguous(memory_format=torch.channels_last)) * w).sum().backward()
+    for (name, a), b in zip(ref_model.named_parameters(), cl_model.parameters()):
+        # Tolerance relative to each tensor's largest gradient: summation order differs
+        # between the layouts, and some (structurally zero) bias gradients are pure noise.
+        scale = a.grad.abs().max().item()
+        assert (a.grad - b.grad).abs().max().item() <= 1e-4 * scale + 1e-5, name
 
 
 @pytest.mark.parametrize("name", SMALL)
