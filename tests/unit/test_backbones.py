@@ -223,11 +223,14 @@ def test_channels_last_training_gradients_match():
     w = torch.randn(4, 512)
     (ref_model(x) * w).sum().backward()
     (cl_model(x.contiguous(memory_format=torch.channels_last)) * w).sum().backward()
+    overall = max(p.grad.abs().max().item() for p in ref_model.parameters())
     for (name, a), b in zip(ref_model.named_parameters(), cl_model.parameters()):
-        # Tolerance relative to each tensor's largest gradient: summation order differs
-        # between the layouts, and some (structurally zero) bias gradients are pure noise.
+        # Tolerance relative to each tensor's largest gradient, plus a floor relative to the
+        # model's largest: summation order differs between layouts, and the structurally zero
+        # bias gradients (see test_gradients_reach_every_parameter) are pure rounding noise.
+        # The oneDNN bug this guards against gives errors of 100x, not 1e-4.
         scale = a.grad.abs().max().item()
-        assert (a.grad - b.grad).abs().max().item() <= 1e-4 * scale + 1e-5, name
+        assert (a.grad - b.grad).abs().max().item() <= 1e-4 * scale + 1e-6 * overall, name
 
 
 @pytest.mark.parametrize("name", SMALL)
