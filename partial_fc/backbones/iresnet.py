@@ -26,9 +26,6 @@ _DEPTHS: dict[int, tuple[int, int, int, int]] = {
     200: (6, 26, 60, 6),
 }
 
-# BN eps of 1e-5 matches the PyTorch default; momentum is left at the default as well.
-
-
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
