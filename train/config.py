@@ -718,6 +718,22 @@ class PendingHead:
         """Always ``None``: the class count is not known yet."""
         return None
 
+    # The derived properties of PartialFCConfig do not depend on the class count.
+    @property
+    def preset(self) -> Any:
+        """As :attr:`PartialFCConfig.preset`."""
+        return self.resolve(1).preset
+
+    @property
+    def margin_m(self) -> float:
+        """As :attr:`PartialFCConfig.margin_m`."""
+        return self.resolve(1).margin_m
+
+    @property
+    def needs_bank(self) -> bool:
+        """As :attr:`PartialFCConfig.needs_bank`."""
+        return self.resolve(1).needs_bank
+
     def __getattr__(self, name: str) -> Any:
         if name != "options" and not name.startswith("__"):
             for key, value in self.options:
