@@ -107,8 +107,8 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} {_type_name(args[0]) if len(set(args)) == 1 else 'values'}"
+            return f"a list of {_type_name(args[0])}s"
+        return f"a list of {len(args)} {_type_name(args[0]) + 's' if len(set(args)) == 1 else 'values'}"
     return {bool: "bool", int: "int", float: "float", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 

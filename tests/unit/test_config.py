@@ -181,7 +181,7 @@ def test_head_unknown_and_invalid_keys_use_partialfc_validation(tmp_path):
     ("data.flip=1", "data.flip must be bool, got int 1"),
     ("run.device=3", None),  # str field: the text "3" is kept, then the enum check fails
     ("optimizer.lr=fast", "optimizer.lr must be float, got str 'fast'"),
-    ("optimizer.betas=[0.9]", "optimizer.betas must be a list of 2 float, got 1 values"),
+    ("optimizer.betas=[0.9]", "optimizer.betas must be a list of 2 floats, got 1 values"),
     ("evaluation.far_targets=[\"x\"]", "evaluation.far_targets[0] must be float"),
     ("head.s=\"big\"", "head.s must be float, got str 'big'"),
     ("run.max_steps=none", None),  # fine: optional
