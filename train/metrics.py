@@ -29,6 +29,7 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import os
@@ -217,6 +218,7 @@ class MetricsHub:
         tensorboard_every: Write TensorBoard scalars every this many ``update`` calls.
         port_fallback: When the requested port is taken, bind an ephemeral one (warning) instead
             of raising.
+        initial_step: The step a resumed run starts from (so the bar's rate and ETA are right).
     """
 
     def __init__(
@@ -236,6 +238,7 @@ class MetricsHub:
         device: Union[torch.device, str, None] = None,
         tensorboard_every: int = 1,
         port_fallback: bool = True,
+        initial_step: int = 0,
     ):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
@@ -254,6 +257,10 @@ class MetricsHub:
         self._skipped_since_update = False
         self._records_seen: Optional[float] = None
         self._last_step: Optional[int] = None
+        self._last_loss: Optional[float] = None
+        self._last_lr: Optional[float] = None
+        self._last_ips: Optional[float] = None
+        self._rate_origin: Optional[tuple[int, float]] = None  # (step, time) of the first update
 
         self.registry = CollectorRegistry(auto_describe=True)
         reg, r = self.registry, str(self.rank)
@@ -324,8 +331,8 @@ class MetricsHub:
         if progress and self.rank == 0 and _isatty(sys.stdout):
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, file=sys.stdout, dynamic_ncols=True, unit="step",
-                             desc="train", leave=True)
+            self._bar = tqdm(total=total_steps, initial=int(initial_step), file=sys.stdout,
+                             dynamic_ncols=True, unit="step", desc="train", leave=True)
 
     # -- setup helpers --------------------------------------------------------------------------
 
@@ -337,7 +344,7 @@ class MetricsHub:
         Missing options keep their defaults; ``overrides`` win over ``cfg``.
         """
         names = ("prometheus", "host", "port", "per_rank", "tensorboard", "progress", "total_steps",
-                 "device", "tensorboard_every", "port_fallback")
+                 "device", "tensorboard_every", "port_fallback", "initial_step")
         get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
         kw = {k: get(k) for k in names if get(k) is not None}
         kw.update(overrides)
@@ -501,8 +508,18 @@ class MetricsHub:
                     self._mem.labels(str(self.rank), kind).set(b)
                     tb[f"memory/{kind}_gib"] = b / 2**30
 
-            self._updated.set(time.time())
+            now = time.time()
+            self._updated.set(now)
             self._updates += 1
+            if step is not None and self._rate_origin is None:
+                self._rate_origin = (int(step), now)
+            if total is not None:
+                self._last_loss = total
+            if lr is not None:
+                first = next(iter(lr.values()), None) if isinstance(lr, Mapping) else lr
+                self._last_lr = _to_float(first) if first is not None else self._last_lr
+            if images_per_s is not None:
+                self._last_ips = _to_float(images_per_s)
 
         if self._tb is not None and (self._updates - 1) % self.tensorboard_every == 0:
             gstep = self._last_step if self._last_step is not None else self._updates
@@ -614,6 +631,33 @@ class MetricsHub:
         log.info("eval %s at step %s: %s", s, step, ", ".join(shown))
 
     # -- output --------------------------------------------------------------------------------
+
+    def eta_seconds(self) -> Optional[float]:
+        """Seconds left to ``total_steps`` at the average rate since the first update, or None."""
+        if self.total_steps is None or self._rate_origin is None or self._last_step is None:
+            return None
+        s0, t0 = self._rate_origin
+        done, elapsed = self._last_step - s0, time.time() - t0
+        if done <= 0 or elapsed <= 0:
+            return None
+        return max(0.0, (self.total_steps - self._last_step) * elapsed / done)
+
+    def headline(self) -> str:
+        """One log line with the headline figures (for logs when the bar is off, e.g. Slurm):
+        ``step 120/1000 loss 2.3100 lr 0.1 img/s 1234 eta 0:12:03``."""
+        parts = []
+        if self._last_step is not None:
+            parts.append(f"step {self._last_step}" + (f"/{self.total_steps}" if self.total_steps else ""))
+        if self._last_loss is not None:
+            parts.append(f"loss {self._last_loss:.4f}")
+        if self._last_lr is not None:
+            parts.append(f"lr {self._last_lr:.3g}")
+        if self._last_ips is not None:
+            parts.append(f"img/s {self._last_ips:.0f}")
+        eta = self.eta_seconds()
+        if eta is not None:
+            parts.append(f"eta {datetime.timedelta(seconds=int(eta))}")
+        return " ".join(parts)
 
     def _refresh_bar(self, step, total, lr, ips) -> None:
         bar = self._bar

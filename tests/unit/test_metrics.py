@@ -174,6 +174,18 @@ def test_nonfinite_streak_resets_on_a_finite_update(tmp_path):
     hub.close()
 
 
+def test_headline_for_non_tty_logs(tmp_path, monkeypatch):
+    hub = make_hub(tmp_path, prometheus=False, total_steps=100)
+    clock = [1000.0]
+    monkeypatch.setattr("train.metrics.time.time", lambda: clock[0])
+    hub.update(step=10, losses={"loss": 2.0}, lr={"backbone": 0.1, "head": 0.2}, images_per_s=512.0)
+    clock[0] += 20.0
+    hub.update(step=20, losses={"loss": 1.5})
+    assert hub.eta_seconds() == pytest.approx(160.0)
+    assert hub.headline() == "step 20/100 loss 1.5000 lr 0.1 img/s 512 eta 0:02:40"
+    hub.close()
+
+
 def test_two_hubs_in_one_process_do_not_collide(tmp_path):
     a = make_hub(tmp_path / "a", rank=0)
     b = make_hub(tmp_path / "b", rank=1)
