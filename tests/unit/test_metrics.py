@@ -11,7 +11,6 @@ import re
 import socket
 import time
 import urllib.request
-import warnings
 
 import pytest
 import torch
