@@ -13,6 +13,7 @@ EXTRAS = {
     "deepspeed": ["deepspeed==0.19.8"],
     "onnx": ["onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2"],
     "eval": ["scikit-learn==1.9.1"],
+    "tensorboard": ["tensorboard==2.21.0"],
     "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
 }
 
@@ -32,6 +33,9 @@ setup(
         "pillow>=10",
         "tqdm>=4.60",
         "prometheus-client>=0.20",
+        # Fast JPEG decode for the fallback loader and the evaluation runner (wheels for
+        # manylinux x86_64/aarch64; no system libjpeg needed).
+        "simplejpeg==1.9.0",
     ],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["pfc=train.cli:main"]},
