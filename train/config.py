@@ -228,6 +228,8 @@ class RunConfig(_Section):
         max_steps: Optional total number of *optimizer* steps; overrides ``epochs``.
         log_every: Log (and update metrics) every this many optimizer steps.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
+        max_nonfinite_steps: Stop with an error after this many optimizer steps in a row were
+            skipped for a non-finite loss or gradient (isolated ones are skipped and counted).
     """
 
     _SECTION = "run"
@@ -239,6 +241,7 @@ class RunConfig(_Section):
     max_steps: Optional[int] = None
     log_every: int = 50
     device: str = "auto"
+    max_nonfinite_steps: int = 20
 
     def _validate(self) -> None:
         if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
@@ -251,6 +254,7 @@ class RunConfig(_Section):
             self._min("max_steps", 1)
         self._min("log_every", 1)
         self._enum("device", DEVICES)
+        self._min("max_nonfinite_steps", 1)
 
     @property
     def run_dir(self) -> Path:
@@ -1316,7 +1320,7 @@ def derive(config: TrainConfig, world_size: int, num_samples: int, *, cuda_avail
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds ``--config/-c RECIPE`` and repeatable ``--set section.key=value`` to ``parser``."""
     parser.add_argument(
-        "-c", "--config", default=None, metavar="RECIPE",
+        "-c", "--config", "--recipe", dest="config", default=None, metavar="RECIPE",
         help=f"TOML recipe file, or the name of a shipped recipe ({', '.join(list_recipes())}); "
              f"default: {DEFAULT_RECIPE}",
     )

@@ -88,7 +88,21 @@ def export_onnx(
     if opset is not None:
         kwargs["opset_version"] = opset
     tmp = path.with_suffix(".tmp.onnx")
-    torch.onnx.export(model, (example,), str(tmp), **kwargs)
+    import logging
+    import warnings
+
+    # The exporter's optimiser passes log every rewrite at INFO; a training log does not need them.
+    quiet = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(model, (example,), str(tmp), **kwargs)
+    finally:
+        for lg, lv in zip(quiet, levels):
+            lg.setLevel(lv)
     proto = onnx.load(str(tmp))
     meta = {
         "embedding_size": str(embedding_size),

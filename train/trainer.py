@@ -7,11 +7,16 @@ One optimizer step, with gradient accumulation over ``A`` micro-steps::
                           out = head(emb, labels)         (all-gather, sharded softmax, Con, Ali, bank)
                           backward(out["loss"] / A)       (DDP no_sync except on the last micro-step)
     unscale (fp16) -> global grad norm (backbone + all head shards) -> clip -> skip if non-finite
-    -> backbone step + head step -> lr schedule
+    -> backbone step + head step -> learning rate of the next step
 
-Everything that can differ between ranks and would make one rank skip while another steps (the
-loss, the global gradient norm) is the same value on every rank by construction, so ranks never
-diverge in control flow.
+Every value that decides control flow (the loss, the global gradient norm, the stop flag) is the
+same on every rank by construction (the head's loss is assembled from all-reduced terms; the
+norm is all-reduced), so ranks never diverge: no rank skips a step another one takes.
+
+Determinism: on CPU with a fixed seed, a run stopped after a checkpoint and resumed produces the
+same weights as an uninterrupted one (tests/integration/test_train.py): the checkpoint holds the
+backbone, head shards, both optimizers, the loss scaler, every RNG, the head's sampler clock and
+the data position, and the loaders' order and flips are functions of (seed, epoch, position).
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
-import os
+import random
+import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -37,11 +44,15 @@ from .dist_env import init_distributed
 from .engines import build_engine
 from .optim import build_optimizer, clip_grads_, global_grad_norm, lr_factor, param_groups
 
-log = logging.getLogger("partial_fc.train")
+log = logging.getLogger("train.trainer")
 
-__all__ = ["Trainer", "TrainState", "NonFiniteLossError"]
+__all__ = ["Trainer", "TrainState", "NonFiniteLossError", "EXIT_PREEMPTED"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: Exit status of a run stopped by SIGTERM/SIGUSR1 after it saved a checkpoint (EX_TEMPFAIL):
+#: "not finished, resume me". Slurm scripts requeue on it; see docs/launch.md.
+EXIT_PREEMPTED = 75
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,9 +65,9 @@ class TrainState:
 
     Attributes:
         step: Optimizer steps done (the schedule's clock).
-        micro_step: Forward/backward passes done (the head's sampler clock).
+        micro_step: Forward/backward passes done.
         epoch: Current epoch.
-        position: Samples of ``epoch`` this rank has consumed (multiple of the batch size).
+        position: Samples of ``epoch`` each rank has consumed (a multiple of the batch size).
         skipped_steps: Optimizer steps skipped because of non-finite values.
         consecutive_nonfinite: Skipped steps in a row (reset by a good step).
     """
@@ -72,115 +83,119 @@ class TrainState:
         return dataclasses.asdict(self)
 
 
-class _Timer:
-    """Per-phase wall time; synchronises CUDA so asynchronous kernels are charged to their phase."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.times: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
-
-    def pop(self) -> dict[str, float]:
-        t, self.times = self.times, {}
-        return t
-
-
 class Trainer:
-    """Builds everything from a resolved :class:`train.config.TrainConfig` and runs it.
+    """Builds everything from a :class:`train.config.TrainConfig` and runs it.
+
+    The process group is initialised here from the launcher's environment (torchrun or Slurm;
+    a plain ``python`` process is a world of one), never at import.
 
     Args:
-        cfg: The configuration (frozen; never modified).
-        run_dir: Where logs, the resolved config, checkpoints and exports go (default
-            ``cfg.run.output_dir / cfg.run.name``).
+        cfg: The configuration (frozen; never modified; the head's class count is taken from the
+            dataset with :meth:`TrainConfig.resolve`).
+        handle_signals: Install SIGTERM/SIGUSR1 handlers that make the run save a checkpoint at
+            the next step boundary and stop (see :data:`EXIT_PREEMPTED`). Only possible from the
+            main thread.
     """
 
-    def __init__(self, cfg, run_dir: Optional[Path] = None) -> None:
+    def __init__(self, cfg, *, handle_signals: bool = True) -> None:
         from .config import derive, write_resolved
+        from .logging_utils import setup_logging
 
-        self.cfg = cfg
-        self.denv, self.device = init_distributed(cfg.run.device, cfg.distributed.backend, cfg.distributed.timeout_s)
+        self.denv, self.device = init_distributed(cfg.run.device, cfg.distributed.backend,
+                                                  cfg.distributed.timeout_s)
         self.ctx = ParallelContext.from_group(None)
         self.rank, self.world = self.ctx.rank, self.ctx.world_size
-        self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.run.output_dir) / cfg.run.name
+        self.run_dir = cfg.run_dir
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
-        self.metrics = self._build_metrics()
+        self.log_file = setup_logging(self.run_dir, self.rank)
         self.amp_dtype = _DTYPES[cfg.precision.dtype]
-        torch.manual_seed(cfg.run.seed)  # identical backbone initialisation on every rank
+        self._seed_everything(cfg.run.seed)
 
-        self.loader = self._build_loader()
-        num_classes = self.loader.num_classes
-        head_cfg = dataclasses.replace(cfg.head, num_classes=num_classes) if cfg.head.num_classes != num_classes else cfg.head
-        self.derived = derive(cfg, world_size=self.world, num_samples=self.loader.num_samples)
+        self.loader = self._build_loader(cfg)
+        self.cfg = cfg = cfg.resolve(int(self.loader.num_classes))
+        self.derived = derive(cfg, world_size=self.world, num_samples=int(self.loader.num_samples),
+                              cuda_available=self.device.type == "cuda")
         if self.rank == 0:
-            write_resolved(cfg, self.run_dir)
-            (self.run_dir / "derived.json").write_text(json.dumps(dataclasses.asdict(self.derived), indent=2))
+            write_resolved(cfg, self.run_dir, self.derived)
 
         self.backbone = self._build_backbone()
         o = cfg.optimizer
-        backbone_opt = build_optimizer(o.name, param_groups(self.backbone, o.weight_decay), o.lr, o.momentum, o.betas, o.eps)
+        backbone_opt = build_optimizer(o.name, param_groups(self.backbone, o.weight_decay), o.lr,
+                                       o.momentum, o.betas, o.eps)
         self.engine = build_engine(
             cfg.distributed.engine, self.backbone, backbone_opt, device=self.device, world_size=self.world,
-            precision=cfg.precision.dtype, zero_stage=cfg.distributed.zero_stage, micro_batch=cfg.data.batch_size,
-            grad_accumulation=o.grad_accumulation, grad_clip=o.grad_clip,
-            find_unused_parameters=cfg.distributed.find_unused_parameters, bucket_cap_mb=cfg.distributed.bucket_cap_mb,
+            precision=cfg.precision.dtype, zero_stage=cfg.distributed.zero_stage,
+            micro_batch=cfg.data.batch_size, grad_accumulation=o.grad_accumulation, grad_clip=o.grad_clip,
+            find_unused_parameters=cfg.distributed.find_unused_parameters,
+            bucket_cap_mb=cfg.distributed.bucket_cap_mb,
         )
+        self.deepspeed = cfg.distributed.engine == "deepspeed"
         class_counts = getattr(self.loader, "class_counts", None)
-        self.head = PartialFCHead(head_cfg, class_counts=class_counts, device=self.device)
-        head_lr = o.head_lr if o.head_lr is not None else o.lr
-        head_wd = o.head_weight_decay if o.head_weight_decay is not None else o.weight_decay
-        head_groups = [{"params": [self.head.weight], "weight_decay": head_wd}]
-        if self.head.log_tau is not None:
-            head_groups.append({"params": [self.head.log_tau], "weight_decay": 0.0})
-        self.head_opt = build_optimizer(o.name, head_groups, head_lr, o.momentum, o.betas, o.eps)
+        self.head = PartialFCHead(cfg.head, class_counts=class_counts, device=self.device)
+        self.head_opt = self._build_head_optimizer()
+        fp16 = cfg.precision.dtype == "fp16"
+        static = not isinstance(cfg.precision.loss_scale, str)
         self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=cfg.precision.dtype == "fp16" and cfg.distributed.engine == "ddp",
-            init_scale=cfg.precision.initial_scale, growth_interval=cfg.precision.growth_interval,
+            self.device.type, enabled=fp16,
+            init_scale=float(cfg.precision.loss_scale) if static else cfg.precision.initial_scale,
+            # A static scale never grows (and never backs off below the given value in practice:
+            # an overflow still skips the step, as it must).
+            growth_interval=10**9 if static else cfg.precision.growth_interval,
+            growth_factor=1.0 if static else 2.0, backoff_factor=1.0 if static else 0.5,
         )
         self.state = TrainState()
-        self.pair_sets = self._load_pair_sets()
-        self.ckpt_root = self.run_dir / cfg.checkpoint.dir
+        self.ckpt_root = cfg.checkpoint_dir
+        self.resumed_from: Optional[Path] = None
         self._maybe_resume()
+        self.metrics = self._build_metrics()
+        self.pair_sets = self._load_pair_sets()
+        self._stop_requested = False
+        self._stop_signal: Optional[str] = None
+        if handle_signals:
+            self._install_signal_handlers()
 
-    # --------------------------------------------------------------------------------- building
+    # ------------------------------------------------------------------------------ building
     def _barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
 
-    def _build_metrics(self):
-        from .metrics import MetricsHub, setup_logging
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        # The same seed on every rank: the backbone starts identical everywhere (DDP also
+        # broadcasts it, DeepSpeed does not check); per-rank streams (head sampling, data order)
+        # derive their own seeds from it explicitly.
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
 
-        setup_logging(self.run_dir, self.rank)
-        m = self.cfg.metrics
-        return MetricsHub(
-            rank=self.rank, local_rank=self.denv.local_rank, world_size=self.world, run_dir=self.run_dir,
-            prometheus=m.prometheus, host=m.host, port=m.port, per_rank=m.per_rank,
-            tensorboard=m.tensorboard, progress_bar=m.progress_bar,
-        )
-
-    def _build_loader(self):
+    def _build_loader(self, cfg):
         from dali_pipelines import build_train_loader
 
-        d = self.cfg.data
-        memory_format = torch.channels_last if self.cfg.backbone.channels_last else torch.contiguous_format
-        kind = d.kind
-        return build_train_loader(
-            kind, d.train_rec or None, batch_size=d.batch_size, rank=self.rank, world_size=self.world,
-            device=self.device, seed=self.cfg.run.seed, shuffle=d.shuffle, flip=d.flip,
-            tail="drop" if d.drop_last else "pad", memory_format=memory_format,
-            num_workers=d.dali_threads if kind == "dali" else d.num_workers, strict=d.strict_decode,
-            num_classes=(self.cfg.head.num_classes or None) if kind == "synthetic" else None,
-        )
+        d = cfg.data
+        memory_format = torch.channels_last if cfg.backbone.channels_last else torch.contiguous_format
+        common = dict(batch_size=d.batch_size, rank=self.rank, world_size=self.world, seed=cfg.run.seed,
+                      shuffle=d.shuffle, flip=d.flip, tail="drop" if d.drop_last else "pad",
+                      memory_format=memory_format, strict=d.strict_decode)
+        if d.kind == "synthetic":
+            num_classes = cfg.head.num_classes or d.synth.identities
+            return build_train_loader("synthetic", None, device=self.device, num_classes=num_classes,
+                                      num_samples=d.synth.num_samples, num_workers=0, **common)
+        rec = Path(d.train_rec)
+        if not rec.is_file():
+            raise FileNotFoundError(
+                f"data.train_rec = {str(rec)!r} does not exist. For the generated demo data set run "
+                f"`pfc synth --config <recipe>` first (it writes {d.synth.train_rec}), or point "
+                "data.train_rec at your .rec (its .idx next to it)"
+            )
+        # DALI's CPU decode delivers CPU tensors; they are copied to the training device below.
+        device = self.device
+        if d.kind == "dali" and d.dali_decode == "cpu":
+            device = torch.device("cpu")
+        workers = d.dali_threads if d.kind == "dali" else d.num_workers
+        return build_train_loader(d.kind, rec, device=device, num_workers=workers,
+                                  num_classes=cfg.head.num_classes, **common)
 
     def _build_backbone(self) -> torch.nn.Module:
         from partial_fc.backbones import build_backbone
@@ -193,6 +208,24 @@ class Trainer:
             model = torch.compile(model)
         return model
 
+    def _build_head_optimizer(self) -> torch.optim.Optimizer:
+        o, d = self.cfg.optimizer, self.derived
+        groups = [{"params": [self.head.weight], "weight_decay": d.head_weight_decay}]
+        if self.head.log_tau is not None:
+            groups.append({"params": [self.head.log_tau], "weight_decay": 0.0})
+        return build_optimizer(o.name, groups, d.head_lr, o.momentum, o.betas, o.eps)
+
+    def _build_metrics(self):
+        from .metrics import MetricsHub
+
+        m = self.cfg.metrics
+        return MetricsHub(
+            rank=self.rank, local_rank=self.denv.local_rank, world_size=self.world, run_dir=self.run_dir,
+            prometheus=m.prometheus, host=m.host, port=m.port, per_rank=m.per_rank,
+            tensorboard=m.tensorboard, progress=m.progress_bar, total_steps=self.derived.total_steps,
+            device=self.device, initial_step=self.state.step,
+        )
+
     def _load_pair_sets(self) -> list:
         if self.rank != 0 or not self.cfg.evaluation.bin_files:
             return []
@@ -200,7 +233,27 @@ class Trainer:
 
         return [load_pair_set(p) for p in self.cfg.evaluation.bin_files]
 
-    # --------------------------------------------------------------------------------- checkpoints
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, _frame):
+            # Only a flag: the checkpoint is written at the next step boundary, collectively.
+            self._stop_requested = True
+            self._stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    @property
+    def _backbone_optimizer_for_checkpoint(self) -> Optional[torch.optim.Optimizer]:
+        # ZeRO-1/2 partitions the backbone optimizer state across ranks; the checkpoint format
+        # holds replicated backbone state only, so that state is not saved (docs/checkpoints.md).
+        if self.deepspeed and self.cfg.distributed.zero_stage > 0:
+            return None
+        return self.engine.optimizer
+
     def _maybe_resume(self) -> None:
         from .checkpoint import find_latest, load_checkpoint
 
@@ -211,23 +264,49 @@ class Trainer:
         if path is None:
             return
         extra = load_checkpoint(path, self.head, self.head_opt, backbone=self.engine.module,
-                                backbone_optimizer=self.engine.optimizer)
-        self.state = TrainState(**extra["train_state"])
-        if extra.get("scaler"):
-            self.scaler.load_state_dict(extra["scaler"])
+                                backbone_optimizer=self._backbone_optimizer_for_checkpoint,
+                                scaler=self.scaler if self.scaler.is_enabled() else None)
+        st = TrainState(**extra["train_state"])
+        saved_world, saved_batch = int(extra.get("world_size", self.world)), int(extra.get("batch_size", 0))
+        if (saved_world, saved_batch) != (self.world, self.cfg.data.batch_size):
+            # The epoch order is one global permutation that rank r reads with stride world_size,
+            # so the samples already consumed are its first position * world_size entries whatever
+            # the world size: resume at that global offset (rounded down to a whole global batch).
+            consumed = int(extra.get("global_position", st.position * saved_world))
+            gb = self.cfg.data.batch_size * self.world
+            st.position = min((consumed // gb) * self.cfg.data.batch_size, self.loader.samples_per_rank)
+            log.warning("resuming a checkpoint of %d rank(s) x batch %d on %d rank(s) x batch %d: data "
+                        "position %d of epoch %d maps to %d per rank", saved_world, saved_batch, self.world,
+                        self.cfg.data.batch_size, consumed, st.epoch, st.position)
+        self.state = st
+        self.resumed_from = path
         if self.rank == 0:
-            log.info("resumed from %s at step %d (epoch %d, position %d)", path, self.state.step,
-                     self.state.epoch, self.state.position)
+            log.info("resumed from %s at step %d (epoch %d, position %d per rank)", path, st.step, st.epoch,
+                     st.position)
 
     def save(self) -> Path:
+        """Writes a checkpoint of the current step (collective: every rank calls it)."""
         from .checkpoint import save_checkpoint
 
-        extra = {"train_state": self.state.to_dict(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {}}
-        return save_checkpoint(self.ckpt_root, self.state.step, self.head, self.head_opt,
-                               backbone=self.engine.module, backbone_optimizer=self.engine.optimizer,
-                               extra_state=extra, keep_last=self.cfg.checkpoint.keep_last)
+        extra = {
+            "train_state": self.state.to_dict(),
+            "world_size": self.world,
+            "batch_size": self.cfg.data.batch_size,
+            "global_position": self.state.position * self.world,
+            "backbone": self.cfg.backbone.name,
+            "embedding_size": self.cfg.backbone.num_features,
+        }
+        path = save_checkpoint(
+            self.ckpt_root, self.state.step, self.head, self.head_opt, backbone=self.engine.module,
+            backbone_optimizer=self._backbone_optimizer_for_checkpoint,
+            scaler=self.scaler if self.scaler.is_enabled() else None, extra_state=extra,
+            keep_last=self.cfg.checkpoint.keep_last or None,
+        )
+        if self.rank == 0:
+            log.info("checkpoint step %d -> %s", self.state.step, path)
+        return path
 
-    # --------------------------------------------------------------------------------- the loop
+    # ------------------------------------------------------------------------------ one step
     def _set_lr(self) -> dict[str, float]:
         s, d = self.cfg.schedule, self.derived
         f = lr_factor(self.state.step, d.total_steps, d.warmup_steps, s.decay, s.power, s.min_lr_ratio)
@@ -238,22 +317,43 @@ class Trainer:
             lrs[name] = opt.param_groups[0]["lr"]
         return lrs
 
+    def _zero_grads(self) -> None:
+        self.engine.zero_grad()
+        self.head_opt.zero_grad(set_to_none=True)
+
+    def _deepspeed_null_step(self) -> None:
+        """Lets DeepSpeed pass its step boundary without changing the backbone.
+
+        DeepSpeed owns the backbone's step and counts micro-steps itself, so a skipped step
+        cannot simply not call it: the step runs on zero gradients with learning rate 0
+        (parameters unchanged; SGD momentum / Adam moments see one zero-gradient step).
+        """
+        opt = self.engine.optimizer
+        saved = [g["lr"] for g in opt.param_groups]
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+        self.engine.step()
+        for g, lr in zip(opt.param_groups, saved):
+            g["lr"] = lr
+
     def _optimizer_step(self) -> tuple[bool, float]:
-        """Unscale, global norm, clip, step both optimizers or skip both. Returns (stepped, norm)."""
+        """Unscale, global norm, clip, then step both optimizers or neither. Returns (stepped, norm)."""
         o = self.cfg.optimizer
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.engine.optimizer)
             self.scaler.unscale_(self.head_opt)
-        head_params = [p for p in self.head.parameters() if p.grad is not None]
         if self.engine.replicated_grads:
             norm = global_grad_norm(self.engine.module.parameters(), [self.head.weight], self.ctx, self.device)
-        else:  # ZeRO-partitioned gradients: DeepSpeed clips the backbone; the head by its own norm
+        else:  # ZeRO-partitioned gradients: DeepSpeed clips the backbone, the head by its own norm
             norm = global_grad_norm([], [self.head.weight], self.ctx, self.device)
         if self.head.log_tau is not None and self.head.log_tau.grad is not None:
-            norm = torch.sqrt(norm**2 + self.head.log_tau.grad.float().pow(2).sum())
+            # log_tau is replicated and its gradient identical on every rank: counted once.
+            norm = torch.sqrt(norm**2 + self.head.log_tau.grad.detach().float().pow(2).sum())
         finite = bool(torch.isfinite(norm))
         if finite and o.grad_clip > 0:
-            params = head_params + ([] if self.engine.clips_own_grads else list(self.engine.module.parameters()))
+            params = [p for p in self.head.parameters() if p.grad is not None]
+            if not self.engine.clips_own_grads:
+                params += list(self.engine.module.parameters())
             clip_grads_(params, norm, o.grad_clip)
         if finite:
             if self.scaler.is_enabled():
@@ -262,141 +362,197 @@ class Trainer:
             else:
                 self.engine.step()
                 self.head_opt.step()
-        elif not self.scaler.is_enabled() and self.cfg.distributed.engine == "deepspeed":
-            self.engine.step()  # DeepSpeed must see the boundary; its own overflow check skips it
+        elif self.deepspeed:
+            self.engine.optimizer.zero_grad()
+            self._deepspeed_null_step()
         if self.scaler.is_enabled():
             self.scaler.update()
-        self.engine.zero_grad()
-        self.head_opt.zero_grad(set_to_none=True)
+        self._zero_grads()
         return finite, float(norm)
 
     def _note_nonfinite(self, why: str) -> None:
         self.state.skipped_steps += 1
         self.state.consecutive_nonfinite += 1
         self.metrics.inc_skipped_steps()
-        log.warning("step %d skipped: %s (%d in a row)", self.state.step, why, self.state.consecutive_nonfinite)
+        if self.rank == 0:
+            log.warning("step %d skipped: %s (%d in a row)", self.state.step + 1, why,
+                        self.state.consecutive_nonfinite)
         limit = self.cfg.run.max_nonfinite_steps
         if self.state.consecutive_nonfinite >= limit:
             raise NonFiniteLossError(
                 f"{self.state.consecutive_nonfinite} consecutive steps with non-finite values (limit "
-                f"run.max_nonfinite_steps={limit}): lower optimizer.lr, enable optimizer.grad_clip, use bf16 "
-                "instead of fp16, or check the data; the last good checkpoint is in "
-                f"{self.ckpt_root}"
+                f"run.max_nonfinite_steps = {limit}); last: {why}. Lower optimizer.lr, set "
+                "optimizer.grad_clip, use bf16 instead of fp16, or check the data; the last good "
+                f"checkpoint is in {self.ckpt_root}"
             )
 
-    def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, last: bool, timer: _Timer) -> Optional[dict]:
+    def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, last: bool, timer) -> Optional[dict]:
+        """Forward and backward of one micro-batch; ``None`` when its loss is not finite."""
         accum = self.cfg.optimizer.grad_accumulation
-        sync = contextlib.nullcontext() if last else self.engine.no_sync()
+        # DeepSpeed synchronises at its own accumulation boundary; DDP needs no_sync() to skip it.
+        sync = contextlib.nullcontext() if (last or self.deepspeed) else self.engine.no_sync()
         with sync:
-            with timer("forward"):
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+            with timer.phase("forward"):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                    enabled=self.amp_dtype != torch.float32):
                     emb = self.engine(images)
                     try:
                         out = self.head(emb, labels)
-                    except FloatingPointError as e:  # raised on every rank alike (gathered check)
-                        self._note_nonfinite(str(e))
-                        return None
-                loss = out["loss"]
-            if not bool(torch.isfinite(loss.detach())):  # the head's loss is identical on every rank
-                self._note_nonfinite(f"loss is {float(loss.detach())}")
-                return None
-            with timer("backward"):
-                if self.cfg.distributed.engine == "deepspeed":
-                    self.engine.backward(loss)
+                    except FloatingPointError as e:  # non-finite embeddings: raised on every rank
+                        out, why = None, str(e)
+                if out is not None:
+                    loss = out["loss"]
+                    # The head's loss is the same on every rank, so they all take the same branch.
+                    if not bool(torch.isfinite(loss.detach())):
+                        out, why = None, f"loss is {float(loss.detach())}"
+            with timer.phase("backward"):
+                if out is None:
+                    if self.deepspeed:  # keep DeepSpeed's micro-step count (see _deepspeed_null_step)
+                        zero = sum(p.sum() * 0.0 for p in self.engine.module.parameters())
+                        self.engine.backward(zero)
+                        if not last:
+                            self.engine.step()
+                    self._pending_nonfinite = why
+                    return None
+                if self.deepspeed:
+                    self.engine.backward(loss)  # DeepSpeed divides by its accumulation steps itself
+                    if not last:
+                        self.engine.step()  # a no-op for DeepSpeed until its boundary
                 else:
                     self.scaler.scale(loss / accum).backward()
         return out
 
+    # ------------------------------------------------------------------------------ the loop
+    def _stop_agreed(self) -> bool:
+        """Whether any rank received a stop signal (collective, one scalar)."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        flag = all_reduce_no_grad(flag, self.ctx, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
     def fit(self) -> dict[str, Any]:
-        """Runs until ``derived.total_steps`` optimizer steps; returns a summary dict."""
+        """Trains until ``derived.total_steps`` optimizer steps (or a stop signal).
+
+        Returns:
+            A summary dict (run directory, steps, skipped steps, final losses, evaluation,
+            ``"preempted"`` when stopped by a signal).
+        """
+        from .metrics import StepTimer
+
         cfg, d = self.cfg, self.derived
         accum = cfg.optimizer.grad_accumulation
-        timer = _Timer(self.device)
+        timer = StepTimer(self.device)
         self.engine.train(True)
         self.head.train(True)
-        summary: dict[str, Any] = {"run_dir": str(self.run_dir)}
         if self.rank == 0:
-            log.info("training %s: %d optimizer steps, %d per epoch, global batch %d, %d rank(s), %s",
-                     cfg.run.name, d.total_steps, d.steps_per_epoch, d.global_batch, self.world, self.device)
-        images_seen, t_window = 0, time.perf_counter()
+            log.info("training %s: %d optimizer steps (%d micro-steps per epoch), global batch %d, %d rank(s), "
+                     "%s, %s engine, %s, head %s on %d classes", cfg.run.name, d.total_steps, d.steps_per_epoch,
+                     d.global_batch, self.world, self.device, cfg.distributed.engine, cfg.precision.dtype,
+                     cfg.head.method, cfg.head.num_classes)
+        summary: dict[str, Any] = {"run_dir": str(self.run_dir), "preempted": False,
+                                   "resumed_from": str(self.resumed_from) if self.resumed_from else None}
+        window_images, window_t0 = 0, time.perf_counter()
         micro_in_step = 0
         last_out: Optional[dict] = None
-        bad_in_step = False
+        bad_in_step: Optional[str] = None
+        self._pending_nonfinite = None
+        t_start = time.perf_counter()
         while self.state.step < d.total_steps:
             self.loader.set_epoch(self.state.epoch, self.state.position)
             it = iter(self.loader)
             epoch_done = False
             while self.state.step < d.total_steps:
-                with timer("data"):
+                with timer.phase("data"):
                     batch = next(it, None)
+                    if batch is not None:
+                        images = batch[0].to(self.device, non_blocking=True)
+                        labels = batch[1].to(self.device, non_blocking=True)
                 if batch is None:
                     epoch_done = True
                     break
-                images, labels = batch
                 micro_in_step += 1
                 last = micro_in_step == accum
                 out = self._micro_step(images, labels, last, timer)
                 self.state.micro_step += 1
                 self.state.position += images.shape[0]
-                images_seen += images.shape[0]
+                window_images += images.shape[0]
                 if out is None:
-                    bad_in_step = True
+                    bad_in_step = self._pending_nonfinite
                 else:
                     last_out = out
                 if not last:
                     continue
                 micro_in_step = 0
-                lrs = self._set_lr()
-                with timer("optimizer"):
-                    if bad_in_step:  # a micro-step was skipped: drop the whole accumulated step
-                        self.engine.zero_grad()
-                        self.head_opt.zero_grad(set_to_none=True)
+                with timer.phase("optimizer"):
+                    if bad_in_step is not None:  # drop the whole accumulated step
+                        if self.deepspeed:
+                            self._deepspeed_null_step()
+                        self._zero_grads()
                         stepped, norm = False, float("nan")
+                        why = bad_in_step
                     else:
                         stepped, norm = self._optimizer_step()
-                        if not stepped:
-                            self._note_nonfinite(f"gradient norm is {norm}")
-                bad_in_step = False
+                        why = f"gradient norm is {norm}"
+                bad_in_step = None
+                self.state.step += 1
                 if stepped:
                     self.state.consecutive_nonfinite = 0
-                self.state.step += 1
-                self._after_step(last_out, lrs, norm, timer, images_seen, t_window)
-                if self.state.step % cfg.run.log_every == 0:
-                    images_seen, t_window = 0, time.perf_counter()
-                if cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0:
+                else:
+                    self._note_nonfinite(why)
+                lrs = self._set_lr()  # the learning rate of the next step
+                if self.state.step % cfg.run.log_every == 0 or self.state.step == d.total_steps:
+                    self._report(last_out, lrs, norm, timer, window_images, window_t0)
+                    window_images, window_t0 = 0, time.perf_counter()
+                else:
+                    timer.collect()
+                if cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0 \
+                        and self.state.step < d.total_steps:
                     self.save()
-                if cfg.evaluation.every_steps and self.state.step % cfg.evaluation.every_steps == 0:
+                if cfg.evaluation.every_steps and self.state.step % cfg.evaluation.every_steps == 0 \
+                        and self.state.step < d.total_steps:
                     self.evaluate()
+                if self._stop_agreed():
+                    summary["preempted"] = True
+                    break
+            if summary["preempted"]:
+                break
             if epoch_done:
                 self.state.epoch += 1
                 self.state.position = 0
         self.save()
-        summary["eval"] = self.evaluate()
+        summary["train_seconds"] = round(time.perf_counter() - t_start, 2)
+        if summary["preempted"]:
+            if self.rank == 0:
+                log.warning("stopped by %s at step %d/%d after saving a checkpoint; run again to resume",
+                            self._stop_signal or "a signal on another rank", self.state.step, d.total_steps)
+        else:
+            summary["eval"] = self.evaluate()
         summary["step"] = self.state.step
+        summary["total_steps"] = d.total_steps
         summary["skipped_steps"] = self.state.skipped_steps
+        summary["skipped_records"] = int(getattr(self.loader, "skipped", 0))
         if last_out is not None:
             summary["final_loss"] = {k: float(v.detach()) for k, v in last_out.items()}
+        summary["metrics_url"] = self.metrics.url
         return summary
 
-    def _after_step(self, out, lrs, norm, timer: _Timer, images_seen: int, t_window: float) -> None:
-        if out is None or self.state.step % self.cfg.run.log_every:
-            timer.pop()
-            return
-        elapsed = max(time.perf_counter() - t_window, 1e-9)
-        ips = images_seen * self.world / elapsed
-        losses = {k: float(v.detach()) for k, v in out.items()}
-        timings = timer.pop()
+    def _report(self, out, lrs, norm, timer, window_images: int, window_t0: float) -> None:
+        elapsed = max(time.perf_counter() - window_t0, 1e-9)
+        ips = window_images / elapsed  # this rank's throughput
+        timings = timer.collect()
+        losses = {k: float(v.detach()) for k, v in out.items()} if out is not None else {}
         self.metrics.update(
             step=self.state.step, epoch=self.state.epoch, losses=losses, lr=lrs, timings=timings,
-            images_per_s=ips, grad_norm=norm, loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
-            head_stats=self.head.last_stats, skipped_records=getattr(self.loader, "skipped", 0),
+            images_per_s=ips, grad_norm=norm,
+            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+            head_stats=self.head.last_stats, skipped_records=int(getattr(self.loader, "skipped", 0)),
+            consecutive_nonfinite=self.state.consecutive_nonfinite,
         )
-        if self.rank == 0:
-            log.info("step %d/%d epoch %d loss %.4f (ce %.4f con %.4f ali %.4f) lr %.5f %.0f img/s grad-norm %.3f",
-                     self.state.step, self.derived.total_steps, self.state.epoch, losses["loss"], losses["ce"],
-                     losses["con"], losses["ali"], lrs["backbone"], ips, norm)
+        if self.rank == 0 and losses:
+            log.info("step %d/%d epoch %d loss %.4f (ce %.4f con %.4f ali %.4f) lr %.4g %.0f img/s/rank "
+                     "grad-norm %.3f", self.state.step, self.derived.total_steps, self.state.epoch,
+                     losses["loss"], losses["ce"], losses["con"], losses["ali"], lrs["backbone"], ips, norm)
 
-    # --------------------------------------------------------------------------------- evaluation
+    # ------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, dict]:
         """Rank 0 evaluates every pair set; the other ranks wait. Returns ``{set: figures}``."""
         results: dict[str, dict] = {}
@@ -409,18 +565,23 @@ class Trainer:
             module.eval()
             try:
                 for ps in self.pair_sets:
-                    r = evaluate_pair_set(module, ps, self.device, e.batch_size, e.flip_test, e.far_targets)
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                        enabled=self.amp_dtype != torch.float32):
+                        r = evaluate_pair_set(module, ps, self.device, e.batch_size, e.flip_test,
+                                              e.far_targets, folds=e.folds)
                     log.info("eval step %d %s", self.state.step, r.summary())
+                    tar = {f"{k:g}": v for k, v in r.tar.items()}
                     results[r.name] = {"accuracy": r.accuracy, "accuracy_std": r.accuracy_std,
-                                       "threshold": r.threshold, "tar": {str(k): v for k, v in r.tar.items()}}
-                    self.metrics.record_eval(r.name, {"accuracy": r.accuracy, **{f"tar@{k:g}": v for k, v in r.tar.items()}})
+                                       "threshold": r.threshold, "tar": tar, "step": self.state.step}
+                    self.metrics.record_eval(r.name, {"accuracy": r.accuracy, "tar": dict(r.tar)},
+                                             step=self.state.step)
             finally:
                 module.train(was_training)
         self._barrier()
         return results
 
     def export(self) -> dict[str, Any]:
-        """Rank 0 writes the backbone state dict and (optionally) ONNX, and checks ONNX parity."""
+        """Rank 0 writes the backbone (state dict, and ONNX when enabled) and checks ONNX parity."""
         out: dict[str, Any] = {}
         if self.rank == 0:
             from .export import check_onnx, export_onnx, export_state_dict
@@ -428,17 +589,38 @@ class Trainer:
             x = self.cfg.export
             meta = {"backbone": self.cfg.backbone.name, "embedding_size": self.cfg.backbone.num_features,
                     "step": self.state.step}
-            out["state_dict"] = str(export_state_dict(self.engine.module, self.run_dir / "export" / "backbone.pt", meta))
+            export_dir = self.run_dir / "export"
+            out["state_dict"] = str(export_state_dict(self.engine.module, export_dir / "backbone.pt", meta))
             if x.onnx:
-                path = export_onnx(self.engine.module, self.run_dir / "export" / x.output_name,
-                                   embedding_size=self.cfg.backbone.num_features, backbone_name=self.cfg.backbone.name,
-                                   opset=x.opset)
+                path = export_onnx(self.engine.module, export_dir / x.output_name,
+                                   embedding_size=self.cfg.backbone.num_features,
+                                   backbone_name=self.cfg.backbone.name, opset=x.opset)
                 out["onnx"] = str(path)
                 out["onnx_max_abs_diff"] = check_onnx(self.engine.module, path, batch=5)
+                log.info("ONNX %s: max |onnxruntime - torch| = %.2e at batch 5", path, out["onnx_max_abs_diff"])
         self._barrier()
         return out
 
     def close(self) -> None:
+        """Stops the metrics endpoint and leaves the process group."""
         self.metrics.close()
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_training(cfg, *, export: bool = True) -> dict[str, Any]:
+    """Builds a :class:`Trainer`, trains, exports (rank 0) and writes ``summary.json``.
+
+    Returns:
+        The summary (also on ranks other than 0, without the export paths).
+    """
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.fit()
+        if export and not summary["preempted"]:
+            summary["export"] = trainer.export()
+        if trainer.rank == 0:
+            (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    finally:
+        trainer.close()
+    return summary

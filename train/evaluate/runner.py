@@ -72,12 +72,12 @@ def embed_images(
 def evaluate_pair_set(
     model: Callable[[torch.Tensor], torch.Tensor], pairs: PairSet, device: torch.device,
     batch_size: int = 256, flip: bool = False, fars: Sequence[float] = (1e-3, 1e-4),
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, folds: int = 10,
 ) -> VerificationResult:
-    """10-fold accuracy and TAR@FAR of ``model`` on a pair set (cosine similarity scores)."""
+    """k-fold (default 10) accuracy and TAR@FAR of ``model`` on a pair set (cosine scores)."""
     emb = embed_images(model, pairs.images, device, batch_size, flip, dtype)
     scores = (emb[0::2] * emb[1::2]).sum(1).numpy()
-    acc, std, thr = ten_fold_accuracy(scores, pairs.issame)
+    acc, std, thr = ten_fold_accuracy(scores, pairs.issame, folds)
     return VerificationResult(
         name=pairs.name, accuracy=acc, accuracy_std=std, threshold=thr,
         tar=tar_at_far(scores, pairs.issame, fars), num_pairs=len(pairs.issame),
