@@ -455,6 +455,7 @@ class Trainer:
         last_out: Optional[dict] = None
         bad_in_step: Optional[str] = None
         self._pending_nonfinite = None
+        self._set_lr()  # the schedule's value at the (possibly resumed) first step
         t_start = time.perf_counter()
         while self.state.step < d.total_steps:
             self.loader.set_epoch(self.state.epoch, self.state.position)
