@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# DeepSpeed compiles a small CPU op on first use (~50 s); keep it with the venv.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: demo test install clean
 
@@ -17,6 +19,8 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,dali,onnx,eval]'
+	# DeepSpeed builds against the torch already installed, hence no build isolation.
+	$(PY) -m pip install -q --no-build-isolation 'deepspeed==0.19.8'
 	touch $(STAMP)
 
 demo: $(STAMP)

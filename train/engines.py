@@ -129,6 +129,9 @@ class DeepSpeedEngine(Engine):
             "gradient_accumulation_steps": grad_accumulation,
             "train_batch_size": micro_batch * grad_accumulation * world_size,
             "zero_optimization": {"stage": zero_stage},
+            # ZeRO wraps our torch.optim SGD/AdamW; DeepSpeed only pre-approves its own optimizers.
+            # Parity with DDP is checked in tests/integration/test_train.py.
+            "zero_allow_untested_optimizer": True,
             "gradient_clipping": grad_clip,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,

@@ -288,12 +288,13 @@ def test_num_classes_resolution_from_dataset():
 
 
 def test_derive_even_and_uneven_tail():
-    cfg = C.load_config("cpu_demo")  # 32 per rank, 3 epochs
+    pin = ["run.epochs=3", "schedule.warmup_steps=10"]  # independent of the recipe's tuning
+    cfg = C.load_config("cpu_demo", pin)  # 32 per rank, 3 epochs
     d = C.derive(cfg, world_size=2, num_samples=2000)
     assert (d.global_batch, d.steps_per_epoch, d.samples_per_epoch) == (64, 31, 1984)
     assert (d.total_steps, d.total_micro_steps, d.warmup_steps, d.epochs) == (93, 93, 10, 3.0)
     assert (d.device, d.backend) == ("cpu", "gloo")
-    keep = C.derive(C.load_config("cpu_demo", ["data.drop_last=false"]), 2, 2000)
+    keep = C.derive(C.load_config("cpu_demo", pin + ["data.drop_last=false"]), 2, 2000)
     assert (keep.steps_per_epoch, keep.samples_per_epoch, keep.total_steps) == (32, 2000, 96)
     exact = C.derive(cfg, 2, 1984)
     assert exact.steps_per_epoch == 31 and exact.samples_per_epoch == 1984
@@ -303,7 +304,7 @@ def test_derive_even_and_uneven_tail():
 
 
 def test_derive_grad_accumulation_max_steps_and_warmup_epochs():
-    cfg = C.load_config("cpu_demo", ["optimizer.grad_accumulation=4", "schedule.warmup_steps=0",
+    cfg = C.load_config("cpu_demo", ["run.epochs=3", "optimizer.grad_accumulation=4", "schedule.warmup_steps=0",
                                      "schedule.warmup_epochs=2"])
     d = C.derive(cfg, 2, 2000)  # 31 micro-steps per epoch, 3 epochs = 93 -> 23 optimizer steps
     assert (d.total_steps, d.total_micro_steps) == (23, 92)
@@ -358,7 +359,7 @@ def test_round_trip_of_awkward_values(tmp_path):
 
 
 def test_write_resolved_with_derived(tmp_path):
-    cfg = C.load_config("cpu_demo").resolve(100)
+    cfg = C.load_config("cpu_demo", ["run.epochs=3"]).resolve(100)
     d = C.derive(cfg, 2, 2000)
     C.write_resolved(cfg, tmp_path, derived=d)
     derived = tomllib.loads((tmp_path / "derived.toml").read_text())["derived"]
