@@ -136,7 +136,8 @@ def test_stop_signal_then_resume_is_exact(data_dir, tmp_path):
             proc.communicate()
     assert proc.returncode != 0, "the job should report the stop (exit 75 from its workers)"
     stopped_at = max(util.checkpoint_steps(run_dir))
-    assert 4 < stopped_at < 24, (stopped_at, out[-3000:])
+    # A signal that lands right after the step-4 save is seen at that same step boundary.
+    assert 4 <= stopped_at < 24, (stopped_at, out[-3000:])
     assert any("stopped by SIGUSR1" in ln for ln in util.log_lines(run_dir)), out[-3000:]
 
     util.run_torchrun(2, args)
