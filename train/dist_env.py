@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "read_launch_env", "init_distributed", "first_slurm_host"]
+__all__ = ["DistEnv", "read_launch_env", "init_distributed", "first_slurm_host", "expand_slurm_nodelist"]
 
 
 @dataclass(frozen=True)
@@ -39,33 +39,100 @@ class DistEnv:
     source: str = "single"
 
 
-def first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm node list such as ``gpu[003-005,010],login1`` -> ``gpu003``.
+def _split_top_level(text: str) -> list[str]:
+    """Splits on commas outside brackets: ``a[1,3],b`` -> ``["a[1,3]", "b"]``."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise ValueError(f"nested brackets in Slurm node list {text!r}")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in Slurm node list {text!r}")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in Slurm node list {text!r}")
+    parts.append("".join(cur))
+    return parts
 
-    ``scontrol show hostnames`` does this on a cluster; this parser covers the compressed forms
-    Slurm emits so the mapping also works where ``scontrol`` is not on the PATH.
+
+def _expand_ranges(spec: str, nodelist: str) -> list[str]:
+    """``"01-03,07"`` -> ``["01", "02", "03", "07"]`` (zero padding of the lower bound kept)."""
+    out = []
+    for item in spec.split(","):
+        lo, sep, hi = item.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"bad range {item!r} in Slurm node list {nodelist!r}")
+        if not sep:
+            out.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise ValueError(f"descending range {item!r} in Slurm node list {nodelist!r}")
+        out.extend(str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1))
+    return out
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expands a compressed Slurm node list into host names, in Slurm's order.
+
+    Handles several comma-separated items (``gpu[01-02,05],cpu7`` -> ``gpu01 gpu02 gpu05 cpu7``)
+    and several bracket groups in one item, expanded as a product with the leftmost group
+    varying slowest (``r[1-2]n[1-2]`` -> ``r1n1 r1n2 r2n1 r2n2``). ``scontrol show hostnames``
+    does the same on a cluster; this covers the places where it is not on the PATH.
+
+    Args:
+        nodelist: ``SLURM_JOB_NODELIST`` or ``SLURM_STEP_NODELIST``.
+
+    Returns:
+        The host names.
+
+    Raises:
+        ValueError: If the list is empty or malformed (unbalanced or nested brackets, bad ranges).
     """
     nodelist = nodelist.strip()
     if not nodelist:
-        raise ValueError("empty SLURM_JOB_NODELIST")
-    m = re.match(r"^([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if not m:
-        raise ValueError(f"cannot parse SLURM_JOB_NODELIST {nodelist!r}")
-    prefix, ranges = m.group(1), m.group(3)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+        raise ValueError("empty Slurm node list (SLURM_JOB_NODELIST is not set?)")
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        if not item:
+            raise ValueError(f"empty item in Slurm node list {nodelist!r}")
+        names = [""]
+        for literal, bracket, ranges in re.findall(r"([^\[]*)(\[([^\]]*)\])?", item):
+            if bracket and not ranges:
+                raise ValueError(f"empty brackets in Slurm node list {nodelist!r}")
+            suffixes = _expand_ranges(ranges, nodelist) if bracket else [""]
+            names = [n + literal + s for n in names for s in suffixes]
+        hosts.extend(names)
+    return hosts
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list such as ``gpu[003-005,010],login1`` -> ``gpu003``.
+
+    Raises:
+        ValueError: If the list is empty or malformed.
+    """
+    return expand_slurm_nodelist(nodelist)[0]
 
 
 def read_launch_env(env: Optional[Mapping[str, str]] = None, default_port: int = 29500) -> DistEnv:
     """Maps the launcher's variables to rank, local rank and world size.
 
     torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT``);
-    these win when present. Under ``srun`` without torchrun, ``SLURM_PROCID``, ``SLURM_LOCALID``
-    and ``SLURM_NTASKS`` give the same facts; the rendezvous host is the first node of
-    ``SLURM_JOB_NODELIST`` (or ``MASTER_ADDR`` if set) and the port ``MASTER_PORT`` or a value derived
-    from the job id, so concurrent jobs on shared nodes do not collide.
+    these win when present (also under ``srun torchrun``). Under ``srun`` without torchrun,
+    ``SLURM_PROCID``, ``SLURM_LOCALID`` and the step's task count (``SLURM_STEP_NUM_TASKS``, else
+    ``SLURM_NTASKS``) give the same facts, but only inside a job step (``SLURM_STEP_ID`` set): an
+    ``sbatch`` batch shell also has ``SLURM_PROCID=0`` and ``SLURM_NTASKS=N`` and must stay a
+    single process, not wait forever as rank 0 of N. The rendezvous host is ``MASTER_ADDR`` if
+    set, else the first node of the step's node list (where task 0 runs); the port is
+    ``MASTER_PORT``, else one derived from the job id so that concurrent jobs sharing a node do
+    not collide.
 
     Args:
         env: The environment (``os.environ`` when ``None``).
@@ -73,25 +140,46 @@ def read_launch_env(env: Optional[Mapping[str, str]] = None, default_port: int =
 
     Returns:
         The mapping.
+
+    Raises:
+        ValueError: If a rank variable is not an integer or the rank is outside the world.
     """
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(
-            rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", 0)), world_size=int(env["WORLD_SIZE"]),
-            master_addr=env.get("MASTER_ADDR"), master_port=int(env["MASTER_PORT"]) if "MASTER_PORT" in env else None,
-            source="torchrun",
+        denv = DistEnv(
+            rank=_int(env, "RANK"), local_rank=_int(env, "LOCAL_RANK", 0), world_size=_int(env, "WORLD_SIZE"),
+            master_addr=env.get("MASTER_ADDR"),
+            master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else None, source="torchrun",
         )
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and \
+            _int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS", 1)) > 1:
         job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
-        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else (
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else (
             10000 + int(job) % 20000 if job and job.isdigit() else default_port
         )
-        addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
-        return DistEnv(
-            rank=int(env["SLURM_PROCID"]), local_rank=int(env.get("SLURM_LOCALID", 0)),
-            world_size=int(env["SLURM_NTASKS"]), master_addr=addr, master_port=port, source="slurm",
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+        addr = env.get("MASTER_ADDR") or first_slurm_host(nodes)
+        denv = DistEnv(
+            rank=_int(env, "SLURM_PROCID"), local_rank=_int(env, "SLURM_LOCALID", 0),
+            world_size=_int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS", 1)),
+            master_addr=addr, master_port=port, source="slurm",
         )
-    return DistEnv()
+    else:
+        return DistEnv()
+    if not 0 <= denv.rank < denv.world_size:
+        raise ValueError(f"{denv.source} environment gives rank {denv.rank} outside world size {denv.world_size}")
+    return denv
+
+
+def _int(env: Mapping[str, str], name: str, default: Optional[int] = None) -> int:
+    if name not in env:
+        if default is None:
+            raise ValueError(f"{name} is not set")
+        return default
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"{name}={env[name]!r} is not an integer") from None
 
 
 def init_distributed(
