@@ -55,3 +55,36 @@ pfc_first_host() {
         "$(pfc_python)" -c 'import sys; from train.dist_env import first_slurm_host; print(first_slurm_host(sys.argv[1]))' "$1"
     fi
 }
+
+# pfc_run_requeueable CMD...: runs CMD (an srun) in the background of a Slurm batch shell and
+# waits for it. SIGUSR1 (sbatch --signal=B:USR1@SECONDS) and SIGTERM received by the batch shell
+# are forwarded to CMD; srun passes them to its tasks, and the trainer saves a checkpoint at the
+# next step boundary and exits 75 (EXIT_PREEMPTED). The job is then requeued (`scontrol requeue`;
+# the job needs --requeue) and its next start resumes from the latest checkpoint.
+# PFC_MAX_REQUEUES (default 20) bounds the chain. Returns CMD's exit status.
+pfc_run_requeueable() {
+    local rc preempted=0 pid
+    "$@" &
+    pid=$!
+    # `wait` returns early when a trapped signal arrives, so wait again until CMD has exited.
+    trap 'preempted=1; echo "launch: $(date -u +%FT%TZ) got SIGUSR1, forwarding to srun" >&2; kill -USR1 "$pid" 2>/dev/null || true' USR1
+    trap 'preempted=1; echo "launch: $(date -u +%FT%TZ) got SIGTERM, forwarding to srun" >&2; kill -TERM "$pid" 2>/dev/null || true' TERM
+    while :; do
+        rc=0
+        wait "$pid" || rc=$?
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    trap - USR1 TERM
+    echo "launch: training step exited with status $rc (preempted=$preempted)" >&2
+    if [ "$rc" = 75 ] || { [ "$preempted" = 1 ] && [ "$rc" != 0 ]; }; then
+        local restarts=${SLURM_RESTART_COUNT:-0} limit=${PFC_MAX_REQUEUES:-20}
+        if [ "$restarts" -ge "$limit" ]; then
+            echo "launch: not requeueing: already restarted $restarts times (PFC_MAX_REQUEUES=$limit)" >&2
+        elif scontrol requeue "$SLURM_JOB_ID"; then
+            echo "launch: requeued job $SLURM_JOB_ID (restart $((restarts + 1))); it resumes from the latest checkpoint" >&2
+        else
+            echo "launch: scontrol requeue $SLURM_JOB_ID failed; resubmit the job to resume" >&2
+        fi
+    fi
+    return "$rc"
+}

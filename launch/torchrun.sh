@@ -16,6 +16,10 @@
 #   RDZV_BACKEND    default c10d
 #   MAX_RESTARTS    restarts of the whole group after a worker fails (default 0); training
 #                   resumes from the latest checkpoint (checkpoint.resume="auto")
+#   SIGNALS_TO_HANDLE  signals torchrun forwards to its workers (torchrun's default is
+#                   SIGTERM,SIGINT,SIGHUP,SIGQUIT; the Slurm scripts add SIGUSR1)
+#   SHUTDOWN_TIMEOUT   seconds torchrun waits for workers to exit after forwarding a signal
+#                   before it kills them (torchrun's default 30; a checkpoint must fit in it)
 #   PYTHON          interpreter (default python3)
 #   DRY_RUN=1       print the command and exit without running it
 # Extra arguments: KEY=VALUE become `--set KEY=VALUE`; options (`--set k=v`, `--no-export`) pass
@@ -54,6 +58,12 @@ cmd=("$(pfc_python)" -m torch.distributed.run
      --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE"
      --rdzv-backend="$RDZV_BACKEND" --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="$RDZV_ID"
      --max-restarts="$MAX_RESTARTS")
+# Only passed when set: older torchrun versions do not have these options.
+[ -z "${SIGNALS_TO_HANDLE:-}" ] || cmd+=(--signals-to-handle="$SIGNALS_TO_HANDLE")
+if [ -n "${SHUTDOWN_TIMEOUT:-}" ]; then
+    pfc_require_uint SHUTDOWN_TIMEOUT "$SHUTDOWN_TIMEOUT"
+    cmd+=(--shutdown-timeout="$SHUTDOWN_TIMEOUT")
+fi
 if [ -n "${NODE_RANK:-}" ]; then
     pfc_require_uint NODE_RANK "$NODE_RANK"
     cmd+=(--node-rank="$NODE_RANK")

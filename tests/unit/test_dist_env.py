@@ -25,7 +25,7 @@ def recorded() -> dict:
     ("a[1-2],b[09-11]", ["a1", "a2", "b09", "b10", "b11"]),
     ("rack[1-2]-n[08-09]", ["rack1-n08", "rack1-n09", "rack2-n08", "rack2-n09"]),
     ("node[7]", ["node7"]),
-    ("n[098-101]x", ["n098x", "n099x", "n100x", "n101x"]),
+    ("n[098-101]", ["n098", "n099", "n100", "n101"]),
 ])
 def test_expand_slurm_nodelist(nodelist, hosts):
     assert expand_slurm_nodelist(nodelist) == hosts
