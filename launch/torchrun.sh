@@ -21,6 +21,9 @@
 #   SHUTDOWN_TIMEOUT   seconds torchrun waits for workers to exit after forwarding a signal
 #                   before it kills them (torchrun's default 30; a checkpoint must fit in it)
 #   PYTHON          interpreter (default python3)
+#   TORCH_DISABLE_SHARE_RDZV_TCP_STORE  default 1 here: the workers of each restart get a fresh
+#                   store. With torchrun's shared store (0) a restarted group can read the
+#                   previous round's addresses and fail to connect (pytorch/pytorch#135712).
 #   DRY_RUN=1       print the command and exit without running it
 # Extra arguments: KEY=VALUE become `--set KEY=VALUE`; options (`--set k=v`, `--no-export`) pass
 # through to `pfc train`.
@@ -44,6 +47,7 @@ case "$NPROC_PER_NODE" in
     *) pfc_require_uint NPROC_PER_NODE "$NPROC_PER_NODE" ;;
 esac
 pfc_require_uint MAX_RESTARTS "$MAX_RESTARTS"
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 if [ -z "${RDZV_ENDPOINT:-}" ]; then
     # Several nodes must agree on one endpoint; guessing one would hang every node but the head.
     [ "$max_nodes" -le 1 ] || pfc_die "NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the same on every node)"
@@ -73,6 +77,6 @@ PFC_ARGS=()
 pfc_set_args "$@"
 cmd+=("${PFC_ARGS[@]}")
 
-pfc_print_cmd "${cmd[@]}"
+pfc_print_cmd "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" "${cmd[@]}"
 [ "${DRY_RUN:-0}" = 1 ] && exit 0
 exec "${cmd[@]}"

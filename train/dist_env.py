@@ -7,6 +7,7 @@ The trainer calls :func:`init_distributed` once, explicitly; nothing here runs a
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("train.dist_env")
 
 __all__ = ["DistEnv", "read_launch_env", "init_distributed", "first_slurm_host", "expand_slurm_nodelist"]
 
@@ -197,6 +200,7 @@ def init_distributed(
         ``(DistEnv, torch.device)``; the device is ``cuda:<local_rank>`` on GPU.
     """
     denv = read_launch_env(env)
+    _warn_shared_store_restarts(os.environ if env is None else env)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -218,3 +222,17 @@ def init_distributed(
             kwargs["device_id"] = dev  # lets NCCL bind eagerly and avoids a guess in barrier()
         dist.init_process_group(**kwargs)
     return denv, dev
+
+
+def _warn_shared_store_restarts(env: Mapping[str, str]) -> None:
+    """Warns when torchrun restarts workers on its shared rendezvous store.
+
+    With ``TORCHELASTIC_USE_AGENT_STORE=True`` every restart round's workers use the agent's one
+    store under the same keys, so a restarted group can read the previous round's addresses and
+    fail to connect (pytorch/pytorch#135712); ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (set by
+    launch/torchrun.sh) gives each round a fresh store.
+    """
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("TORCHELASTIC_MAX_RESTARTS", "0") not in ("", "0"):
+        log.warning("torchrun --max-restarts with its shared rendezvous store: a restarted group may fail to "
+                    "connect; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (launch/torchrun.sh "
+                    "does), see docs/launch.md")

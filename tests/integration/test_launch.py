@@ -109,15 +109,20 @@ def test_two_nodes_on_one_machine(data_dir, tmp_path):
 
 # ------------------------------------------------------------------------------ lost worker
 def test_lost_worker_restarts_and_resumes_exactly(data_dir, tmp_path):
-    """SIGKILL one of 2 workers after the step-4 checkpoint; torchrun (--max-restarts 1) restarts
-    the group, training resumes from the latest checkpoint and ends bit-identical to a run that
-    was never interrupted."""
+    """SIGKILL one of 2 workers after the step-4 checkpoint; torchrun (launch/torchrun.sh,
+    MAX_RESTARTS=1) restarts the group, training resumes from the latest checkpoint and ends
+    bit-identical to a run that was never interrupted."""
     sets = {"run.max_steps": 10, "checkpoint.every_steps": 4}
     util.run_torchrun(2, util.base_overrides(data_dir, tmp_path, "straight", **sets) + ["--no-export"])
 
     run_dir = tmp_path / "killed"
     args = util.base_overrides(data_dir, tmp_path, "killed", **sets) + ["--no-export"]
-    proc = subprocess.Popen(util.torchrun_cmd(2, args, max_restarts=1), cwd=util.REPO, env=util.env(),
+    env = util.env()
+    env.update(NPROC_PER_NODE="2", MAX_RESTARTS="1", RDZV_ENDPOINT=f"127.0.0.1:{util.free_port()}",
+               RECIPE="cpu_demo", PYTHON=sys.executable)
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # the wrapper's default is under test
+    # The wrapper execs torchrun, so proc.pid is the elastic agent and its children the workers.
+    proc = subprocess.Popen(["bash", str(LAUNCH / "torchrun.sh"), *args], cwd=util.REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         util.wait_for(lambda: 4 in util.checkpoint_steps(run_dir), 180, "the step-4 checkpoint", proc, poll=0.05)
