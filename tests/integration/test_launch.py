@@ -81,7 +81,7 @@ def _check_checkpoint_loads(run_dir: Path, world: int) -> None:
 def test_two_nodes_on_one_machine(data_dir, tmp_path):
     """Two torchrun agents (launch/torchrun.sh, NNODES=2, 2 processes each) on 127.0.0.1: world 4."""
     port = util.free_port()
-    args = util.base_overrides(data_dir, tmp_path, "nodes", **{"run.max_steps": 3, "checkpoint.every_steps": 0})
+    args = util.base_overrides(data_dir, tmp_path, "nodes", **{"run.max_steps": 3, "checkpoint.every_steps": 0, "evaluation.bin_files": "[]"})
     procs = []
     try:
         for node in range(2):
@@ -112,7 +112,7 @@ def test_lost_worker_restarts_and_resumes_exactly(data_dir, tmp_path):
     """SIGKILL one of 2 workers after the step-4 checkpoint; torchrun (launch/torchrun.sh,
     MAX_RESTARTS=1) restarts the group, training resumes from the latest checkpoint and ends
     bit-identical to a run that was never interrupted."""
-    sets = {"run.max_steps": 10, "checkpoint.every_steps": 4}
+    sets = {"run.max_steps": 10, "checkpoint.every_steps": 4, "evaluation.bin_files": "[]"}
     util.run_torchrun(2, util.base_overrides(data_dir, tmp_path, "straight", **sets) + ["--no-export"])
 
     run_dir = tmp_path / "killed"
@@ -177,27 +177,30 @@ def slurm_conf(tmp_path_factory) -> str:
     return p.stdout.strip().splitlines()[-1].split("=", 1)[1]
 
 
-def _wait_slurm_job(job: str, env: dict, timeout: float) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True,
-                           timeout=10)
-        if not q.stdout.strip():
-            return
-        time.sleep(0.5)
-    subprocess.run(["scancel", job], env=env, timeout=10)
-    raise AssertionError(f"Slurm job {job} still in the queue after {timeout} s")
+def _job(job: str, env: dict) -> dict:
+    """``scontrol show job`` fields (JobState, Reason, Restarts, ...); finished jobs stay listed
+    for MinJobAge (300 s), unlike squeue, which also skips jobs in transition."""
+    p = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True, timeout=10)
+    assert p.returncode == 0, p.stderr
+    return dict(f.split("=", 1) for f in p.stdout.split() if "=" in f)
 
 
-def test_slurm_one_task_per_rank(slurm_conf, data_dir, tmp_path):
+_DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
+
+
+def test_slurm_one_task_per_rank_with_requeue(slurm_conf, data_dir, tmp_path):
     """sbatch launch/slurm/train_per_task.sbatch with 2 tasks (no torchrun): the trainer maps
-    SLURM_PROCID/SLURM_LOCALID/SLURM_STEP_NUM_TASKS to ranks, trains and checkpoints on world 2."""
+    SLURM_PROCID/SLURM_LOCALID/SLURM_STEP_NUM_TASKS to ranks. SIGUSR1 to the batch shell (what
+    --signal=B:USR1@N delivers before the time limit) -> checkpoint -> exit 75 -> the job requeues
+    itself, resumes from that checkpoint and completes on world 2."""
     env = util.env()
     env.update(SLURM_CONF=slurm_conf, PYTHON=sys.executable, RECIPE="cpu_demo")
     for k in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
         del env[k]
     log = tmp_path / "slurm.out"
-    args = util.base_overrides(data_dir, tmp_path, "slurm", **{"run.max_steps": 3, "checkpoint.every_steps": 0})
+    run_dir = tmp_path / "slurm"
+    args = util.base_overrides(data_dir, tmp_path, "slurm", **{
+        "run.max_steps": 6, "checkpoint.every_steps": 2, "evaluation.bin_files": "[]"})
     # The script asks for 2 nodes x 8 GPUs; a one-node CPU test overrides the shape on the command line.
     sub = subprocess.run(
         ["sbatch", "--parsable", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--overcommit",
@@ -206,14 +209,26 @@ def test_slurm_one_task_per_rank(slurm_conf, data_dir, tmp_path):
         cwd=util.REPO, env=env, capture_output=True, text=True, timeout=30)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
-    _wait_slurm_job(job, env, timeout=240)
+    try:
+        util.wait_for(lambda: 2 in util.checkpoint_steps(run_dir), 180, "the step-2 checkpoint", poll=0.1)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=10)
+        # Slurm holds a requeued job back for a while (Reason=BeginTime); release it at once.
+        util.wait_for(lambda: _job(job, env).get("Restarts") == "1", 120, "the requeue")
+        if _job(job, env)["JobState"] == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=10)
+        util.wait_for(lambda: _job(job, env)["JobState"] in _DONE, 180, "the requeued job to finish", poll=0.5)
+    finally:
+        if _job(job, env)["JobState"] not in _DONE:
+            subprocess.run(["scancel", job], env=env, timeout=10)
+    assert _job(job, env)["JobState"] == "COMPLETED", _job(job, env)
     out = log.read_text()
-    run_dir = tmp_path / "slurm"
-    assert (run_dir / "summary.json").is_file(), out[-6000:]
-    assert "training step exited with status 0" in out, out[-6000:]
-    s = util.summary(run_dir)
-    assert s["step"] == 3
+    assert "got SIGUSR1, forwarding to srun" in out and f"requeued job {job} (restart 1)" in out, out[-6000:]
+    assert "stopped by SIGUSR1" in out, out[-6000:]
+    assert f"job {job} restart 1: 2 task(s)" in out and "training step exited with status 0" in out, out[-6000:]
     logs = util.log_lines(run_dir)
+    resumed = [ln for ln in logs if "resumed from" in ln]
+    assert len(resumed) == 1 and int(re.search(r"at step (\d+)", resumed[0]).group(1)) >= 2, resumed
     assert any("2 rank(s)" in ln for ln in logs), logs[:20]
     assert (run_dir / "train_rank1.log").is_file()
+    assert util.summary(run_dir)["step"] == 6
     _check_checkpoint_loads(run_dir, world=2)
