@@ -5,6 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The real-Slurm test (tests/integration/test_launch.py) may install Debian's slurm-wlm with
+# apt-get when it runs as root (about 10 s); without root or apt it is skipped with the reason.
+# PFC_SLURM_TESTS=off skips it, =require makes a missing Slurm a failure. See docs/launch.md.
+export PFC_SLURM_INSTALL ?= 1
 # DeepSpeed compiles a small CPU op on first use (~50 s); keep it with the venv.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 

@@ -10,13 +10,15 @@
 # Needs root (slurmd runs jobs as their user) and Debian's slurm-wlm + munge. With
 # PFC_SLURM_INSTALL=1, `start` installs them with apt-get when missing. Knobs: PFC_SLURM_DIR
 # (state, logs, config; default /tmp/pfc-slurm), PFC_SLURM_TIMEOUT (seconds to wait for the node,
-# default 30). Every failure ends with exit 1 and one line on stderr saying what is missing.
+# default 30), PFC_SLURM_APT_TIMEOUT (seconds per apt-get run, default 120). Every failure ends
+# with exit 1 and one line on stderr saying what is missing.
 # Single node only; no cgroups (task/none), no accounting (no sacct).
 set -euo pipefail
 
 DIR=${PFC_SLURM_DIR:-/tmp/pfc-slurm}
 CONF=$DIR/slurm.conf
 TIMEOUT=${PFC_SLURM_TIMEOUT:-30}
+APT_TIMEOUT=${PFC_SLURM_APT_TIMEOUT:-120}
 
 fail() {
     echo "localhost_cluster: $*" >&2
@@ -49,10 +51,10 @@ install_packages() {
     local log=$DIR/apt.log
     echo "localhost_cluster: installing slurm-wlm and munge with apt-get (log: $log)" >&2
     export DEBIAN_FRONTEND=noninteractive
-    if ! timeout 300 apt-get install -y -q --no-install-recommends slurm-wlm munge >"$log" 2>&1; then
+    if ! timeout "$APT_TIMEOUT" apt-get install -y -q --no-install-recommends slurm-wlm munge >"$log" 2>&1; then
         # A fresh image has no package lists yet.
-        timeout 300 apt-get update -q >>"$log" 2>&1 \
-            && timeout 300 apt-get install -y -q --no-install-recommends slurm-wlm munge >>"$log" 2>&1 \
+        timeout "$APT_TIMEOUT" apt-get update -q >>"$log" 2>&1 \
+            && timeout "$APT_TIMEOUT" apt-get install -y -q --no-install-recommends slurm-wlm munge >>"$log" 2>&1 \
             || fail "apt-get install slurm-wlm munge failed (no network or no Debian repository?); see $log"
     fi
 }

@@ -157,15 +157,18 @@ def _slurm_mode() -> str:
 
 
 @pytest.fixture(scope="module")
-def slurm_conf(tmp_path_factory) -> str:
-    """Starts (or reuses) the localhost Slurm cluster; skips with the reason under auto."""
+def slurm_conf():
+    """Starts the localhost Slurm cluster (or reuses a running one); skips with the reason under
+    auto. A cluster this fixture started is stopped afterwards."""
     mode = _slurm_mode()
     if mode == "off":
         pytest.skip("PFC_SLURM_TESTS=off")
     script = LAUNCH / "slurm" / "localhost_cluster.sh"
     env = dict(os.environ, PFC_SLURM_DIR=os.environ.get("PFC_SLURM_DIR", "/tmp/pfc-slurm"))
+    was_up = subprocess.run(["bash", str(script), "status"], env=env, capture_output=True, timeout=30).returncode == 0
     try:
-        p = subprocess.run(["bash", str(script), "start"], env=env, capture_output=True, text=True, timeout=600)
+        # apt-get (PFC_SLURM_INSTALL=1, slurm-wlm missing) takes ~10 s; its runs are capped at 120 s each.
+        p = subprocess.run(["bash", str(script), "start"], env=env, capture_output=True, text=True, timeout=400)
         reason = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
         ok = p.returncode == 0
     except subprocess.TimeoutExpired:
@@ -174,7 +177,9 @@ def slurm_conf(tmp_path_factory) -> str:
         if mode == "require":
             pytest.fail(f"PFC_SLURM_TESTS=require but Slurm did not start: {reason}")
         pytest.skip(f"no localhost Slurm: {reason}")
-    return p.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    yield p.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    if not was_up:
+        subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, timeout=60)
 
 
 def _job(job: str, env: dict) -> dict:
@@ -188,6 +193,7 @@ def _job(job: str, env: dict) -> dict:
 _DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
 
 
+@pytest.mark.timeout(600)  # includes starting (maybe installing) Slurm
 def test_slurm_one_task_per_rank_with_requeue(slurm_conf, data_dir, tmp_path):
     """sbatch launch/slurm/train_per_task.sbatch with 2 tasks (no torchrun): the trainer maps
     SLURM_PROCID/SLURM_LOCALID/SLURM_STEP_NUM_TASKS to ranks. SIGUSR1 to the batch shell (what
