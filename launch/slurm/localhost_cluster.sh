@@ -17,6 +17,8 @@ set -euo pipefail
 
 DIR=${PFC_SLURM_DIR:-/tmp/pfc-slurm}
 CONF=$DIR/slurm.conf
+# Bumped when the generated slurm.conf changes, so that `start` replaces an older running cluster.
+CONF_VERSION="pfc-localhost-cluster 2"
 TIMEOUT=${PFC_SLURM_TIMEOUT:-30}
 APT_TIMEOUT=${PFC_SLURM_APT_TIMEOUT:-120}
 
@@ -84,6 +86,7 @@ write_conf() {
     mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
     cat >"$CONF" <<CONF
 # Written by launch/slurm/localhost_cluster.sh: one node on 127.0.0.1, no cgroups, no accounting.
+# $CONF_VERSION
 ClusterName=pfc-localhost
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=$(free_port)
@@ -91,6 +94,9 @@ SlurmdPort=$(free_port)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds before it may start again (default 120); starting it
+# sooner on the same node fails with "Job credential revoked".
+AuthInfo=cred_expire=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -124,7 +130,7 @@ start() {
     fi
     local node
     node=$(node_name)
-    if [ -f "$CONF" ] && alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && node_idle; then
+    if [ -f "$CONF" ] && grep -qF "# $CONF_VERSION" "$CONF" && alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && node_idle; then
         echo "SLURM_CONF=$CONF"
         return 0
     fi
