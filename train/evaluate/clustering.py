@@ -34,6 +34,7 @@ __all__ = [
     "ClusteringRun",
     "ClusteringScores",
     "bcubed",
+    "bcubed_per_sample",
     "clustering_scores",
     "dbscan_eps",
     "default_subset_sizes",
@@ -131,6 +132,21 @@ def bcubed(labels_true, labels_pred) -> tuple[float, float, float]:
     return precision, recall, _f(precision, recall)
 
 
+def bcubed_per_sample(labels_true, labels_pred) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's BCubed precision and recall (their means are :func:`bcubed`'s figures).
+
+    Useful to score a part of the samples, e.g. the images of the hardest identities.
+
+    Returns:
+        ``(precision [N], recall [N])`` float64.
+    """
+    t, p = _labels(labels_true, labels_pred)
+    ti, pj, n_ij, inverse = _contingency(t, p)
+    size_t = np.bincount(t).astype(np.float64)
+    size_p = np.bincount(p).astype(np.float64)
+    return (n_ij / size_p[pj])[inverse], (n_ij / size_t[ti])[inverse]
+
+
 def nmi(labels_true, labels_pred) -> float:
     """Normalized mutual information (arithmetic normalisation; scikit-learn)."""
     try:
@@ -208,6 +224,8 @@ class ClusteringRun:
         params: The parameters used (e.g. the DBSCAN eps the rule chose).
         seconds: Wall time of the clustering itself.
         noise_fraction: Fraction of samples labelled noise (DBSCAN; 0 otherwise).
+        indices: ``[n]`` positions of the subset's samples in the input (not serialised).
+        predictions: ``[n]`` predicted cluster of each (not serialised).
     """
 
     num_identities: int
@@ -217,6 +235,8 @@ class ClusteringRun:
     params: dict = field(default_factory=dict)
     seconds: float = 0.0
     noise_fraction: float = 0.0
+    indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    predictions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
 
     def to_dict(self) -> dict:
         out = {"num_identities": self.num_identities, "num_samples": self.num_samples,
@@ -342,5 +362,6 @@ def run_clustering_protocol(
             seconds = time.perf_counter() - t0
             runs.append(ClusteringRun(num_identities=k, num_samples=len(idx), algorithm=algo,
                                       scores=clustering_scores(labels[idx], pred), params=params,
-                                      seconds=seconds, noise_fraction=float((pred < 0).mean())))
+                                      seconds=seconds, noise_fraction=float((pred < 0).mean()),
+                                      indices=idx, predictions=np.asarray(pred)))
     return runs
