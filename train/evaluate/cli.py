@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--dbscan-eps", type=float, default=None,
                      help="DBSCAN radius as a cosine distance (default: the k-distance rule, see docs/evaluation.md)")
     opt.add_argument("--dbscan-min-samples", type=int, default=3)
-    opt.add_argument("--dbscan-quantile", type=float, default=0.9, help="quantile of the k-distance rule")
+    opt.add_argument("--dbscan-quantile", type=float, default=0.7, help="quantile of the k-distance rule")
     opt.add_argument("--linkage", choices=("average", "ward"), default="average",
                      help="agglomerative: average linkage on cosine distance, or ward on normalised features")
     opt.add_argument("--templates-per-identity", type=int, default=4,

@@ -191,7 +191,7 @@ class ClusteringProtocolConfig:
     kmeans_n_init: int = 10
     dbscan_eps: Optional[float] = None
     dbscan_min_samples: int = 3
-    dbscan_quantile: float = 0.9
+    dbscan_quantile: float = 0.7
     linkage: str = "average"
 
     def __post_init__(self) -> None:
@@ -287,7 +287,7 @@ def _normalized(features: np.ndarray) -> np.ndarray:
     return f / norm
 
 
-def dbscan_eps(features: np.ndarray, min_samples: int = 3, quantile: float = 0.9) -> float:
+def dbscan_eps(features: np.ndarray, min_samples: int = 3, quantile: float = 0.7) -> float:
     """The k-distance rule for DBSCAN's radius on cosine distance.
 
     For every sample, take the cosine distance to its ``min_samples``-th nearest sample (itself
