@@ -95,3 +95,25 @@ def test_load_embedder_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             load_embedder(weights=bad, device="cuda")
+
+
+def test_concentration_by_difficulty_hand_case():
+    import numpy as np
+
+    from train.evaluate.concentration import ConcentrationReport, concentration_by_difficulty
+
+    phi = np.array([0.1, 0.2, 0.3, 0.4, 0.5, np.nan])
+    m2 = np.array([0.4, 0.4, 0.5, 0.6, 0.6, 0.5])
+    rep = ConcentrationReport(method="s6", margin="cg_arcface", step=1, uses_concentration=True,
+                              warmup_active=False, phi=phi, lam=phi, m2=m2, m3=np.zeros(6))
+    out = concentration_by_difficulty(rep, np.array([0.0, 0.2, 0.4, 0.6, 0.8, 1.0]))
+    assert out["spearman_phi"] == pytest.approx(1.0)  # phi grows with difficulty, class 5 unknown
+    # Margin ranks with ties (0.4, 0.4 -> 1.5; 0.6, 0.6 -> 4.5) against 1..5: Pearson on ranks.
+    r = np.corrcoef([1, 2, 3, 4, 5], [1.5, 1.5, 3, 4.5, 4.5])[0, 1]
+    assert out["spearman_m2"] == pytest.approx(r)
+    assert [t["num_classes"] for t in out["terciles"]] == [2, 1, 2]
+    assert out["terciles"][0]["phi_mean"] == pytest.approx(0.15) and out["terciles"][2]["m2_mean"] == pytest.approx(0.6)
+    reversed_ = concentration_by_difficulty(rep, np.array([1.0, 0.8, 0.6, 0.4, 0.2, 0.0]))
+    assert reversed_["spearman_phi"] == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="6 classes"):
+        concentration_by_difficulty(rep, np.zeros(3))

@@ -157,6 +157,28 @@ def _clustering_by_difficulty(runs, labels, identity_difficulty) -> list[dict]:
     return rows
 
 
+def _phi_by_difficulty(report, step_dir: Path, args, meta: dict) -> tuple[Optional[dict], str]:
+    """Phi and margins against the synthetic training identities' difficulty, when the checkpoint
+    was trained on this dataset's ``train.rec`` (class i = training identity i)."""
+    from train.config import ConfigError, load_config
+
+    from .concentration import concentration_by_difficulty
+    from .embedders import find_run_config
+
+    cfg_path = Path(args.config) if args.config else find_run_config(step_dir)
+    diff = meta.get("train", {}).get("difficulty")
+    try:
+        train_rec = Path(load_config(cfg_path).data.train_rec) if cfg_path else None
+    except ConfigError:
+        train_rec = None
+    mine = Path(args.synthetic) / "train.rec"
+    if (diff is None or train_rec is None or not train_rec.is_file() or not mine.is_file()
+            or train_rec.resolve() != mine.resolve() or len(diff) != report.num_classes):
+        return None, ("Phi by identity difficulty: skipped, the checkpoint was not trained on "
+                      f"{mine} (its data.train_rec is {train_rec}).")
+    return concentration_by_difficulty(report, np.asarray(diff)), ""
+
+
 def run(args) -> dict:
     """Runs the evaluation ``args`` describes and writes the report (see :func:`main`)."""
     from .clustering import ClusteringProtocolConfig, run_clustering_protocol
@@ -257,6 +279,11 @@ def run(args) -> dict:
         except ValueError as e:
             res.concentration_note = f"Head statistics unavailable: {e}"
             print(f"[pfc eval] {res.concentration_note}", file=sys.stderr, flush=True)
+        if res.concentration is not None and meta is not None:
+            res.concentration_by_difficulty, note = _phi_by_difficulty(res.concentration, emb.checkpoint_dir,
+                                                                       args, meta)
+            if note:
+                res.concentration_note = note
     else:
         res.concentration_note = (f"The model was given as {emb.kind} (backbone only); phi and margins live in a "
                                   "training checkpoint's head: pass --checkpoint to see them.")

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["ConcentrationReport", "class_concentration"]
+__all__ = ["ConcentrationReport", "class_concentration", "concentration_by_difficulty"]
 
 
 @dataclass
@@ -127,3 +127,48 @@ def class_concentration(step_dir: str | Path, config_path: str | Path | None = N
         warmup_active=head.uses_concentration and step < cfg.head.margin_warmup_steps,
         phi=full(phi), lam=full(lam), m2=full(params.m2), m3=full(params.m3),
     )
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x), dtype=np.float64)
+    r[order] = np.arange(len(x))
+    # Ties share their mean rank (Spearman's convention).
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=r)
+    return (sums / counts)[inv]
+
+
+def concentration_by_difficulty(report: ConcentrationReport, difficulty: np.ndarray) -> Optional[dict]:
+    """How phi and the margin follow a known per-class difficulty (e.g. the synthetic dataset's).
+
+    The paper's mechanism: harder identities form looser clusters (larger phi) and CG-ArcFace gives
+    them larger margins. This measures both links on the classes that have a phi.
+
+    Args:
+        report: Phi and margins per class.
+        difficulty: ``[C]`` difficulty of each class, in class order.
+
+    Returns:
+        ``{"spearman_phi", "spearman_m2", "terciles": [{"range", "num_classes", "phi_mean",
+        "m2_mean"}]}``, or ``None`` when fewer than 3 classes have a phi.
+
+    Raises:
+        ValueError: ``difficulty`` does not have one entry per class.
+    """
+    d = np.asarray(difficulty, dtype=np.float64)
+    if d.shape != (report.num_classes,):
+        raise ValueError(f"{d.shape[0] if d.ndim else 0} difficulties for {report.num_classes} classes")
+    ok = np.isfinite(report.phi) & np.isfinite(d)
+    if ok.sum() < 3:
+        return None
+    dk, pk, mk = d[ok], report.phi[ok], report.m2[ok]
+    edges = np.quantile(dk, [0.0, 1 / 3, 2 / 3, 1.0])
+    terciles = []
+    for i, name in enumerate(("easy", "medium", "hard")):
+        sel = (dk >= edges[i]) & ((dk < edges[i + 1]) if i < 2 else (dk <= edges[i + 1]))
+        terciles.append({"range": f"{name} {edges[i]:.2f}-{edges[i + 1]:.2f}", "num_classes": int(sel.sum()),
+                         "phi_mean": float(pk[sel].mean()) if sel.any() else None,
+                         "m2_mean": float(mk[sel].mean()) if sel.any() else None})
+    return {"spearman_phi": _corr(_ranks(dk), _ranks(pk)), "spearman_m2": _corr(_ranks(dk), _ranks(mk)),
+            "terciles": terciles}

@@ -10,7 +10,8 @@
 - ``clustering``: ``{"source", "num_images", "num_identities", "config", "runs": [...]}`` with one
   run per (subset, algorithm), or ``null``; ``by_difficulty`` for the synthetic set;
 - ``concentration``: phi / lambda / margin statistics of a checkpoint's head, or ``null``
-  (``concentration_note`` says why);
+  (``concentration_note`` says why); with ``--synthetic`` and a checkpoint trained on that dataset,
+  ``by_difficulty`` relates phi and margins to the identities' difficulty;
 - ``figures``: file names of the PNGs.
 """
 
@@ -56,6 +57,7 @@ class EvalResults:
     clustering_by_difficulty: Optional[list[dict]] = None
     concentration: Optional[ConcentrationReport] = None
     concentration_note: str = ""
+    concentration_by_difficulty: Optional[dict] = None
     seconds: dict = field(default_factory=dict)
 
 
@@ -132,7 +134,9 @@ def write_report(out_dir: str | Path, results: EvalResults) -> dict:
         "clustering": None if results.clustering_info is None else dict(
             results.clustering_info, runs=[r.to_dict() for r in results.clustering],
             **({"by_difficulty": results.clustering_by_difficulty} if results.clustering_by_difficulty else {})),
-        "concentration": None if c is None else c.to_dict(),
+        "concentration": None if c is None else dict(
+            c.to_dict(), **({"by_difficulty": results.concentration_by_difficulty}
+                            if results.concentration_by_difficulty else {})),
         "concentration_note": results.concentration_note,
         "figures": figures,
         "seconds": results.seconds,
@@ -234,6 +238,14 @@ def _markdown(m: dict, results: EvalResults) -> str:
                row("phi", c["phi"]), row("lambda", c["lambda"]), row("margin m2 (rad)", c["margin_m2"]), ""]
         if c.get("corr_phi_m2") is not None:
             md += [f"Correlation of margin with phi across classes: {c['corr_phi_m2']:.3f}.", ""]
+        bd = c.get("by_difficulty")
+        if bd:
+            md += ["By training-identity difficulty (synthetic dataset; Spearman correlation of difficulty with "
+                   f"phi {_fmt(bd['spearman_phi'], 3)}, with the margin {_fmt(bd['spearman_m2'], 3)}):", "",
+                   "| difficulty | classes | mean phi | mean margin m2 |", "|---|---|---|---|"]
+            md += [f"| {t['range']} | {t['num_classes']} | {_fmt(t['phi_mean'])} | {_fmt(t['m2_mean'])} |"
+                   for t in bd["terciles"]]
+            md.append("")
         if "concentration" in figs:
             md += [f"![concentration and margins]({figs['concentration']})", ""]
     secs = m.get("seconds") or {}
