@@ -117,3 +117,13 @@ def test_concentration_by_difficulty_hand_case():
     assert reversed_["spearman_phi"] == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="6 classes"):
         concentration_by_difficulty(rep, np.zeros(3))
+
+
+def test_pfc_dispatches_eval_and_reports_input_errors(tmp_path, capsys):
+    from train.cli import main as pfc
+
+    rc = pfc(["eval", "--checkpoint", str(tmp_path), "--bin", str(tmp_path / "missing.bin"), "--out", str(tmp_path)])
+    assert rc == 2 and "missing.bin does not exist" in capsys.readouterr().err
+    rc = pfc(["eval", "--onnx", "m.onnx", "--clustering-rec", str(tmp_path), "--cluster-sizes", "4,x",
+              "--out", str(tmp_path)])
+    assert rc == 2 and "--cluster-sizes must be comma-separated integers" in capsys.readouterr().err
