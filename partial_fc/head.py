@@ -33,7 +33,7 @@ from .distributed import (
     check_equal_batch_sizes,
 )
 from .losses import center_loss, center_triplet_loss, cluster_aligning_loss, distributed_cross_entropy
-from .margins import apply_margin, build_margin
+from .margins import MarginParams, apply_margin, build_margin
 from .sharding import ClassPartition, sample_classes, step_seed
 
 __all__ = ["PartialFCHead", "init_class_centers"]
@@ -296,6 +296,32 @@ class PartialFCHead(nn.Module):
         if self.log_tau is not None:
             s["tau"] = float(self.log_tau.detach().exp())
         self.last_stats = s
+
+    @torch.no_grad()
+    def class_margins(self) -> tuple[torch.Tensor, torch.Tensor, MarginParams]:
+        """Concentration, normalised concentration and margin of every local class, as the next
+        training step would apply them (warm-up and unseen-class rules included).
+
+        Collective when distributed (the phi statistics are global): every rank must call it.
+
+        Returns:
+            ``(phi [C_local], lam [C_local], params)``: phi and lambda are NaN where unknown (and
+            all NaN when the method has no bank); ``params`` holds ``m1, m2, m3`` of shape
+            ``[C_local]``.
+        """
+        cfg = self.config
+        device = self.weight.device
+        n = self.num_local_classes
+        phi = torch.full((n,), float("nan"), device=device)
+        lam_out = phi.clone()
+        stats = None
+        if self.bank is not None:
+            phi = self.bank.phi()
+            stats = concentration_stats(phi, self.ctx, cfg.phi_percentiles, cfg.phi_bins)
+            if stats is not None:
+                lam_out = normalized_concentration(phi, stats, unknown="nan")
+        lam = self._lambda(torch.arange(n, device=device), stats)
+        return phi, lam_out, self.margin_fn(lam, n, device)
 
     @torch.no_grad()
     def concentration(self) -> torch.Tensor:

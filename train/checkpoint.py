@@ -73,6 +73,7 @@ __all__ = [
     "load_checkpoint",
     "find_latest",
     "export_backbone_state",
+    "load_backbone_and_extra",
     "read_manifest",
 ]
 
@@ -905,6 +906,22 @@ def export_backbone_state(path_ckpt: PathLike, verify: bool = True) -> dict:
     Raises:
         CheckpointError: No checkpoint found, or it holds no backbone.
     """
+    return load_backbone_and_extra(path_ckpt, verify)[0]
+
+
+def load_backbone_and_extra(path_ckpt: PathLike, verify: bool = True) -> tuple[dict, dict]:
+    """The backbone's weights and the trainer's ``extra_state`` (backbone name, embedding size, ...).
+
+    Args:
+        path_ckpt: A checkpoint directory, or a checkpoint root (its newest complete checkpoint).
+        verify: Check ``backbone.pt`` against its sha256 first.
+
+    Returns:
+        ``(state_dict, extra_state)``; the state dict has CPU tensors and no ``module.`` prefixes.
+
+    Raises:
+        CheckpointError: No checkpoint found, or it holds no backbone.
+    """
     path = Path(path_ckpt)
     if not (path / MANIFEST).is_file() and not _STEP_RE.match(path.name):
         latest = find_latest(path)
@@ -915,4 +932,4 @@ def export_backbone_state(path_ckpt: PathLike, verify: bool = True) -> dict:
     bb = _load(path, manifest, BACKBONE_FILE, verify, mmap=False)
     if bb["model"] is None:
         raise CheckpointError(f"{path} was saved without a backbone")
-    return _strip_module_prefix(bb["model"])
+    return _strip_module_prefix(bb["model"]), dict(bb.get("extra") or {})

@@ -59,3 +59,38 @@ def test_roc_monotone_and_errors():
         roc_curve(np.array([0.1]), np.array([True]))
     with pytest.raises(ValueError, match="non-finite"):
         best_threshold(np.array([np.nan]), np.array([True]))
+
+
+# ------------------------------------------------------------------ pfc eval additions
+from train.evaluate.verification import FAR_GRID, measurable_fars, score_summary, verify_scores  # noqa: E402
+
+
+def test_measurable_fars_follow_the_negative_count():
+    kept, omitted = measurable_fars(1000, FAR_GRID)
+    assert kept == [1e-3, 1e-2, 1e-1] and omitted == [1e-6, 1e-5, 1e-4]
+    kept, omitted = measurable_fars(999, FAR_GRID)  # one short of 1/1e-3
+    assert kept == [1e-2, 1e-1] and 1e-3 in omitted
+    assert measurable_fars(0, (1e-1,)) == ([], [1e-1])
+
+
+def test_verify_scores_constructed_set():
+    # 1000 negatives at 0.000..0.999, 10 positives at known scores (same set as above).
+    neg = np.arange(1000) / 1000.0
+    pos = np.array([0.9995, 0.9985, 0.995, 0.99, 0.95, 0.9, 0.5, 0.2, 0.1, 0.05])
+    scores = np.concatenate([neg, pos])
+    same = np.concatenate([np.zeros(1000, bool), np.ones(10, bool)])
+    r = verify_scores(scores, same, name="toy", folds=10)
+    assert r.omitted_fars == [1e-6, 1e-5, 1e-4]
+    assert r.tar == pytest.approx({1e-3: 0.2, 1e-2: 0.4, 1e-1: 0.6})
+    assert r.scores.num_pos == 10 and r.scores.num_neg == 1000
+    assert r.scores.pos_mean == pytest.approx(pos.mean()) and r.scores.neg_mean == pytest.approx(0.4995)
+    assert r.scores.gap == pytest.approx(pos.mean() - 0.4995)
+    d = r.to_dict()
+    assert d["tar_at_far"] == pytest.approx({"1e-03": 0.2, "1e-02": 0.4, "1e-01": 0.6})
+    assert d["omitted_fars"] == ["1e-06", "1e-05", "1e-04"] and d["name"] == "toy"
+
+
+def test_score_summary_hand_case():
+    s = score_summary(np.array([0.9, 0.7, 0.1, -0.1]), np.array([True, True, False, False]))
+    assert (s.pos_mean, s.neg_mean, s.gap) == pytest.approx((0.8, 0.0, 0.8))
+    assert (s.pos_std, s.neg_std) == pytest.approx((0.1, 0.1))

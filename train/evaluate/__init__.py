@@ -1,5 +1,30 @@
-"""Evaluation: verification metrics (LFW-style pairs), and the helpers the trainer calls in the loop."""
+"""Evaluation: verification on LFW-style pairs (also used in the training loop), IJB-style template
+verification, the clustering protocol, feature-distribution figures and the ``pfc eval`` report.
 
-from .verification import VerificationResult, best_threshold, roc_curve, tar_at_far, ten_fold_accuracy
+Only the light verification metrics are imported here; the other modules (scikit-learn,
+matplotlib, onnxruntime behind them) are imported when used.
+"""
 
-__all__ = ["VerificationResult", "best_threshold", "roc_curve", "tar_at_far", "ten_fold_accuracy"]
+from .verification import (
+    FAR_GRID,
+    VerificationResult,
+    best_threshold,
+    measurable_fars,
+    roc_curve,
+    score_summary,
+    tar_at_far,
+    ten_fold_accuracy,
+    verify_scores,
+)
+
+__all__ = [
+    "FAR_GRID",
+    "VerificationResult",
+    "best_threshold",
+    "measurable_fars",
+    "roc_curve",
+    "score_summary",
+    "tar_at_far",
+    "ten_fold_accuracy",
+    "verify_scores",
+]

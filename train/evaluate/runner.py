@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .verification import VerificationResult, tar_at_far, ten_fold_accuracy
+from .verification import VerificationResult, score_summary, tar_at_far, ten_fold_accuracy
 
-__all__ = ["PairSet", "load_pair_set", "embed_images", "evaluate_pair_set"]
+__all__ = ["PairSet", "load_pair_set", "embed_images", "evaluate_pair_set", "pair_scores"]
 
 
 class PairSet:
@@ -76,9 +76,25 @@ def evaluate_pair_set(
 ) -> VerificationResult:
     """k-fold (default 10) accuracy and TAR@FAR of ``model`` on a pair set (cosine scores)."""
     emb = embed_images(model, pairs.images, device, batch_size, flip, dtype)
-    scores = (emb[0::2] * emb[1::2]).sum(1).numpy()
+    scores = pair_scores(emb)
     acc, std, thr = ten_fold_accuracy(scores, pairs.issame, folds)
     return VerificationResult(
         name=pairs.name, accuracy=acc, accuracy_std=std, threshold=thr,
         tar=tar_at_far(scores, pairs.issame, fars), num_pairs=len(pairs.issame),
+        scores=score_summary(scores, pairs.issame),
     )
+
+
+def pair_scores(embeddings: torch.Tensor) -> np.ndarray:
+    """Cosine scores of consecutive rows: pair ``i`` is rows ``2i`` and ``2i+1``.
+
+    Args:
+        embeddings: ``[2P, D]`` L2-normalised embeddings in the ``.bin`` order.
+
+    Returns:
+        ``[P]`` float64 scores.
+    """
+    if embeddings.dim() != 2 or embeddings.shape[0] % 2:
+        raise ValueError(f"need [2P, D] embeddings (two per pair), got {tuple(embeddings.shape)}")
+    e = embeddings.double()
+    return (e[0::2] * e[1::2]).sum(1).numpy()
