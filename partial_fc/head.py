@@ -32,8 +32,9 @@ from .distributed import (
     all_reduce_no_grad,
     check_equal_batch_sizes,
 )
+from .fused import fused_margin_cross_entropy
 from .losses import center_loss, center_triplet_loss, cluster_aligning_loss, distributed_cross_entropy
-from .margins import apply_margin, build_margin
+from .margins import build_margin
 from .sharding import ClassPartition, sample_classes, step_seed
 
 __all__ = ["PartialFCHead", "init_class_centers"]
@@ -76,7 +77,10 @@ class PartialFCHead(nn.Module):
         **options: Any :class:`PartialFCConfig` field, e.g. ``num_classes=..., method="s6"``.
 
     Attributes:
-        weight: ``[num_local_classes, embedding_size]`` Parameter, this rank's shard of W.
+        weight: ``[num_local_classes, embedding_size]`` Parameter, this rank's shard of W. With
+            ``row_update="lazy"`` and ``sample_rate < 1`` its gradient is row-sparse (a COO tensor
+            of the sampled rows); step it with :class:`partial_fc.optim.SparseRowSGD` or
+            :class:`partial_fc.optim.SparseRowAdamW`.
         bank: The :class:`ClusterBank` of this shard, or ``None`` when the method needs none.
         class_start: First class id owned by this rank.
         num_local_classes: Classes owned by this rank.
@@ -194,6 +198,20 @@ class PartialFCHead(nn.Module):
         ratio = (phi.clamp(stats.lo, stats.hi) / stats.mean_clipped).clamp(*cfg.tau_ratio_range)
         return cfg.tau * ratio
 
+    def _sampled_weight(self, index: Optional[torch.Tensor]) -> torch.Tensor:
+        """``[K, D]`` rows of W scored this step, wired for the configured gradient.
+
+        ``row_update="lazy"`` gathers with a sparse backward: W's gradient is a row-sparse COO
+        tensor holding ``[K, D]`` values (for :mod:`partial_fc.optim`), never a dense ``[C, D]``.
+        ``"dense"`` indexes the Parameter (dense gradient). At sample rate 1 every row is scored
+        and W itself is used.
+        """
+        if index is None:
+            return self.weight
+        if self.config.row_update == "lazy":
+            return F.embedding(index, self.weight, sparse=True)
+        return self.weight[index]
+
     # ----------------------------------------------------------------------------------------------
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """One head step on this rank's batch.
@@ -238,18 +256,14 @@ class PartialFCHead(nn.Module):
         if self.bank is not None:
             stats = concentration_stats(self.bank.phi(), ctx, cfg.phi_percentiles, cfg.phi_bins)
 
-        # Scores may run in autocast's low precision; everything after them is fp32.
         feats = F.normalize(global_emb, dim=1)
-        weight = self.weight if index is None else self.weight[index]
-        cos = (feats @ F.normalize(weight, dim=1).t()).float()
+        weight = self._sampled_weight(index)
+        lam = self._lambda(local_class, stats)
+        params = self.margin_fn(lam, rows.numel(), device)
+        # Scores may run in autocast's low precision; everything after them is fp32.
+        ce = fused_margin_cross_entropy(feats, weight, rows, cols, params, cfg.margin_grad, cfg.s, ctx)
         with torch.autocast(device_type=device.type, enabled=False):
             feats = feats.float()
-            cos = cos.clamp(-1.0, 1.0)
-            lam = self._lambda(local_class, stats)
-            params = self.margin_fn(lam, rows.numel(), device)
-            target_logit = apply_margin(cos[rows, cols], params, cfg.margin_grad)
-            logits = cos.index_put((rows, cols), target_logit) * cfg.s
-            ce = distributed_cross_entropy(logits, target, ctx)
 
             zero = ce.new_zeros(())
             con, ali = zero, zero
@@ -273,7 +287,9 @@ class PartialFCHead(nn.Module):
                 if self.align:
                     present = torch.unique(local_class)
                     present = present[bank.valid(present)]
-                    ali = cluster_aligning_loss(self.weight[present], bank.centers[present], ctx)
+                    # Every batch class is sampled, so its row is in `weight` (no second gather of W).
+                    w_rows = weight[present] if index is None else weight[torch.searchsorted(index, present)]
+                    ali = cluster_aligning_loss(w_rows, bank.centers[present], ctx)
             loss = ce + cfg.con_weight * con + cfg.ali_weight * ali
 
         if self.training:
