@@ -31,7 +31,8 @@ from .margins import MarginParams, margin_value_and_derivative
 __all__ = ["fused_margin_cross_entropy"]
 
 _TINY = 1e-30
-_NORM_EPS = 1e-12  # F.normalize's default eps: the same clamp of the row norm
+_NORM_EPS = 1e-12
+_CHUNK = 8192  # rows of W per backward chunk  # F.normalize's default eps: the same clamp of the row norm
 
 
 class _FusedMarginCE(torch.autograd.Function):
@@ -84,15 +85,25 @@ class _FusedMarginCE(torch.autograd.Function):
         g[rows, cols] *= deriv
         if fctx.oob is not None:
             g[fctx.oob] = 0.0
-        gd = g.to(feats.dtype)
-        w_n = weight.detach().float().div(norms.unsqueeze(1)).to(feats.dtype)
-        grad_feats = gd @ w_n if fctx.needs_input_grad[0] else None
-        grad_w = None
-        if fctx.needs_input_grad[1]:
-            gw = (gd.t() @ feats.detach()).float()  # [K, D] gradient w.r.t. the normalised rows
-            w_nf = w_n.float()
-            gw.sub_(w_nf * (w_nf * gw).sum(dim=1, keepdim=True)).div_(norms.unsqueeze(1))
-            grad_w = gw.to(weight.dtype)
+        # Rows of W are processed in chunks so the normalised rows and the projection's
+        # temporaries never exist for all K rows at once (only the [K, D] gradient itself does).
+        f = feats.detach()
+        k = weight.shape[0]
+        grad_feats = torch.zeros(f.shape, dtype=torch.float32, device=f.device) if fctx.needs_input_grad[0] else None
+        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if fctx.needs_input_grad[1] else None
+        for c0 in range(0, k, _CHUNK):
+            sl = slice(c0, min(k, c0 + _CHUNK))
+            nrm = norms[sl].unsqueeze(1)
+            w_n = weight.detach()[sl].float().div(nrm)
+            g_c = g[:, sl].to(f.dtype)
+            if grad_feats is not None:
+                grad_feats += (g_c @ w_n.to(f.dtype)).float()
+            if grad_w is not None:
+                gw = (g_c.t() @ f).float()  # gradient w.r.t. the normalised rows
+                gw.sub_(w_n * (w_n * gw).sum(dim=1, keepdim=True)).div_(nrm)
+                grad_w[sl] = gw
+        if grad_feats is not None:
+            grad_feats = grad_feats.to(feats.dtype)
         return grad_feats, grad_w, None, None, None, None, None, None
 
 

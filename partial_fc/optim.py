@@ -45,8 +45,17 @@ def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if grad.sparse_dim() != 1:
         raise ValueError(f"row optimizers expect a row-sparse gradient (1 sparse dim), got {grad.sparse_dim()}")
+    if not grad.is_coalesced():
+        idx = grad._indices()[0]
+        # One micro-step's gradient already has sorted unique rows (the sampler sorts them):
+        # use it as is instead of paying for a coalesced [K, D] copy.
+        if idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all()):
+            return idx, grad._values()
     g = grad.coalesce()
     return g.indices()[0], g.values()
+
+
+_CHUNK = 16384  # rows updated at a time: bounds the gathered copies to a few [16384, D] buffers
 
 
 class _RowOptimizer(torch.optim.Optimizer):
@@ -68,10 +77,19 @@ class _RowOptimizer(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     rows, values = sparse_rows(p.grad)
-                    self._update(p, rows, values.to(p.dtype), group, self._init_state(p, group))
+                    state = self._init_state(p, group)
+                    self._begin(state)
+                    for c0 in range(0, rows.numel(), _CHUNK):
+                        sl = slice(c0, c0 + _CHUNK)
+                        self._update(p, rows[sl], values[sl].to(p.dtype), group, state)
                 else:
-                    self._update(p, None, p.grad.to(p.dtype), group, self._init_state(p, group))
+                    state = self._init_state(p, group)
+                    self._begin(state)
+                    self._update(p, None, p.grad.to(p.dtype), group, state)
         return loss
+
+    def _begin(self, state: dict) -> None:
+        """Per-step bookkeeping before the row chunks are updated (AdamW's step count)."""
 
 
 def _read(t: torch.Tensor, rows) -> torch.Tensor:
@@ -161,9 +179,11 @@ class SparseRowAdamW(_RowOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def _begin(self, state: dict) -> None:
+        state["step"] += 1
+
     def _update(self, p, rows, grad, group, state) -> None:
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        state["step"] += 1
         t = float(state["step"])
         w = _read(p, rows)  # the parameter itself (dense) or a gathered copy of its rows
         m_full, v_full = state["exp_avg"], state["exp_avg_sq"]

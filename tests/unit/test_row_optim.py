@@ -47,8 +47,10 @@ def test_all_rows_sampled_equals_torch(kind):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("chunk", [16384, 1])
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_unsampled_rows_and_state_untouched(kind):
+def test_unsampled_rows_and_state_untouched(kind, chunk, monkeypatch):
+    monkeypatch.setattr("partial_fc.optim._CHUNK", chunk)  # 1: every row its own chunk
     w0 = torch.randn(C, D, generator=torch.Generator().manual_seed(1))
     p = torch.nn.Parameter(w0.clone())
     opt = SparseRowSGD([p], lr=0.3, momentum=0.9, weight_decay=0.5) if kind == "sgd" else SparseRowAdamW([p], lr=0.05)
@@ -112,7 +114,9 @@ def test_build_optimizer_rows_and_errors():
 # --- fused margin softmax cross-entropy -----------------------------------------------------------
 @pytest.mark.parametrize("margin,grad_mode", [((1.0, 0.5, 0.0), "exact"), ((1.0, 0.5, 0.0), "straight_through"),
                                               ((1.0, 0.0, 0.4), "exact"), ((0.9, 0.4, 0.15), "exact")])
-def test_fused_equals_unfused_chain(margin, grad_mode):
+@pytest.mark.parametrize("chunk", [8192, 4])
+def test_fused_equals_unfused_chain(margin, grad_mode, chunk, monkeypatch):
+    monkeypatch.setattr("partial_fc.fused._CHUNK", chunk)  # 4: the 14 rows in 4 backward chunks
     g = torch.Generator().manual_seed(3)
     n, k = 9, 14
     emb = torch.randn(n, D, generator=g, requires_grad=True)
