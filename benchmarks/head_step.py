@@ -35,7 +35,7 @@ from partial_fc.distributed import ParallelContext, all_gather_no_grad, all_gath
 from partial_fc.optim import SparseRowSGD
 from partial_fc.sharding import ClassPartition, step_seed
 
-__all__ = ["ReferencePartialFCv2", "run_rank", "spawn", "maxrss_bytes"]
+__all__ = ["ReferencePartialFCv2", "run_rank", "spawn", "spawn_fn", "maxrss_bytes", "rss_bytes"]
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 
@@ -178,14 +178,14 @@ def run_rank(rank: int, world_size: int, design: str, num_classes: int, dim: int
                 loss=float(loss.detach()))
 
 
-def _entry(rank: int, world_size: int, rdv: str, out: str, threads: int, kwargs: dict) -> None:
+def _entry(rank: int, world_size: int, rdv: str, out: str, threads: int, kwargs: dict, fn=None) -> None:
     torch.set_num_threads(threads)
     try:
         group = None
         if world_size > 1:
             dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=1800))
-        result = ("ok", run_rank(rank, world_size, **kwargs))
+        result = ("ok", (fn or run_rank)(rank, world_size, **kwargs))
         if world_size > 1:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported by the parent
@@ -195,6 +195,12 @@ def _entry(rank: int, world_size: int, rdv: str, out: str, threads: int, kwargs:
 
 def spawn(world_size: int, workdir: str, threads: int, timeout: float, **kwargs) -> list[dict]:
     """Runs :func:`run_rank` on ``world_size`` fresh gloo processes; returns per-rank dicts."""
+    return spawn_fn(None, world_size, workdir, threads, timeout, **kwargs)
+
+
+def spawn_fn(fn, world_size: int, workdir: str, threads: int, timeout: float, **kwargs) -> list:
+    """Runs ``fn(rank, world_size, **kwargs)`` (default :func:`run_rank`, a module-level function)
+    on ``world_size`` fresh gloo processes; returns the per-rank results."""
     import torch.multiprocessing as mp
 
     os.makedirs(workdir, exist_ok=True)
@@ -202,7 +208,7 @@ def spawn(world_size: int, workdir: str, threads: int, timeout: float, **kwargs)
     rdv = os.path.join(workdir, f"rdv_{tag}")
     outs = [os.path.join(workdir, f"r{r}_{tag}.pt") for r in range(world_size)]
     mpc = mp.get_context("spawn")
-    procs = [mpc.Process(target=_entry, args=(r, world_size, rdv, outs[r], threads, kwargs)) for r in range(world_size)]
+    procs = [mpc.Process(target=_entry, args=(r, world_size, rdv, outs[r], threads, kwargs, fn)) for r in range(world_size)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
