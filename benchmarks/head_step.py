@@ -228,3 +228,39 @@ def spawn_fn(fn, world_size: int, workdir: str, threads: int, timeout: float, **
             raise RuntimeError(f"rank {r} failed:\n{value}")
         results.append(value)
     return results
+
+
+def interleaved_rank(rank: int, world_size: int, designs: list, num_classes: int, dim: int, rate: float,
+                     batch: int, steps: int, warmup: int, emulate_world: int = 1) -> dict:
+    """Times several designs in one process, one step of each in turn (round robin).
+
+    On a shared machine the load changes from minute to minute; taking the designs' steps in
+    turn exposes them to the same load, so their *ratios* stay meaningful when absolute times are
+    not. Reports the median wall and process-CPU seconds per design. Memory is not measured here
+    (all designs live in this process); use :func:`run_rank` in fresh processes for that.
+    """
+    ctx = ParallelContext.from_group(None)
+    shard_classes = num_classes if emulate_world == 1 else ClassPartition(num_classes, emulate_world).size(0)
+    local_batch = batch * emulate_world
+    g = torch.Generator().manual_seed(1234 + rank)
+    embs = [torch.randn(local_batch, dim, generator=g) for _ in range(2)]
+    labels = [torch.randint(0, shard_classes, (local_batch,), generator=g) for _ in range(2)]
+    built = {d: _build(d, shard_classes, dim, rate, ctx) for d in designs}
+    wall = {d: [] for d in designs}
+    cpu = {d: [] for d in designs}
+    for i in range(warmup + steps):
+        for d in designs:
+            head, opt = built[d]
+            emb = embs[i % 2].clone().requires_grad_()
+            if ctx.is_distributed:
+                dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = head(emb, labels[i % 2])
+            (out["loss"] if isinstance(out, dict) else out).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= warmup:
+                wall[d].append(time.perf_counter() - t0)
+                cpu[d].append(time.process_time() - c0)
+    return {d: dict(wall_s=statistics.median(wall[d]), cpu_s=statistics.median(cpu[d]), walls=wall[d], cpus=cpu[d])
+            for d in designs}

@@ -59,7 +59,7 @@ def init_class_centers(
     for block in range(first, last + 1):
         b0 = block * _INIT_BLOCK
         gen = torch.Generator().manual_seed(step_seed(seed, block, 0x5EED))
-        rows = torch.randn(_INIT_BLOCK, embedding_size, generator=gen) * std
+        rows = torch.randn(_INIT_BLOCK, embedding_size, generator=gen).mul_(std)  # in place: one block-sized temporary
         lo, hi = max(start, b0), min(start + size, b0 + _INIT_BLOCK)
         out[lo - start : hi - start] = rows[lo - b0 : hi - b0]
     return out.to(device)
