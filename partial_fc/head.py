@@ -198,16 +198,12 @@ class PartialFCHead(nn.Module):
         ratio = (phi.clamp(stats.lo, stats.hi) / stats.mean_clipped).clamp(*cfg.tau_ratio_range)
         return cfg.tau * ratio
 
-    def _sampled_weight(self, index: Optional[torch.Tensor]) -> torch.Tensor:
-        """``[K, D]`` rows of W scored this step, wired for the configured gradient.
+    def _weight_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """``[P, D]`` rows of W wired for the configured gradient (``row_update``).
 
-        ``row_update="lazy"`` gathers with a sparse backward: W's gradient is a row-sparse COO
-        tensor holding ``[K, D]`` values (for :mod:`partial_fc.optim`), never a dense ``[C, D]``.
-        ``"dense"`` indexes the Parameter (dense gradient). At sample rate 1 every row is scored
-        and W itself is used.
+        ``"lazy"`` gathers with a sparse backward: W's gradient is a row-sparse COO tensor, never
+        a dense ``[C, D]`` one (for :mod:`partial_fc.optim`); ``"dense"`` indexes the Parameter.
         """
-        if index is None:
-            return self.weight
         if self.config.row_update == "lazy":
             return F.embedding(index, self.weight, sparse=True)
         return self.weight[index]
@@ -257,11 +253,12 @@ class PartialFCHead(nn.Module):
             stats = concentration_stats(self.bank.phi(), ctx, cfg.phi_percentiles, cfg.phi_bins)
 
         feats = F.normalize(global_emb, dim=1)
-        weight = self._sampled_weight(index)
         lam = self._lambda(local_class, stats)
         params = self.margin_fn(lam, rows.numel(), device)
-        # Scores may run in autocast's low precision; everything after them is fp32.
-        ce = fused_margin_cross_entropy(feats, weight, rows, cols, params, cfg.margin_grad, cfg.s, ctx)
+        # Scores may run in autocast's low precision; everything after them is fp32. The sampled
+        # rows are gathered inside (twice, not kept); W's gradient is row-sparse when lazy.
+        ce = fused_margin_cross_entropy(feats, self.weight, rows, cols, params, cfg.margin_grad, cfg.s, ctx,
+                                        index=index, sparse_grad=cfg.row_update == "lazy")
         with torch.autocast(device_type=device.type, enabled=False):
             feats = feats.float()
 
@@ -287,8 +284,7 @@ class PartialFCHead(nn.Module):
                 if self.align:
                     present = torch.unique(local_class)
                     present = present[bank.valid(present)]
-                    # Every batch class is sampled, so its row is in `weight` (no second gather of W).
-                    w_rows = weight[present] if index is None else weight[torch.searchsorted(index, present)]
+                    w_rows = self.weight[present] if index is None else self._weight_rows(present)
                     ali = cluster_aligning_loss(w_rows, bank.centers[present], ctx)
             loss = ce + cfg.con_weight * con + cfg.ali_weight * ali
 

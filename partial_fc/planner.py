@@ -8,8 +8,9 @@ this package allocates:
   concentration statistics per class) when the method needs it;
 * head gradient: ``[K, D]`` values of the row-sparse gradient (``row_update="lazy"``) or a dense
   ``[C_r, D]`` one (``"dense"``), with ``K = ceil(sample_rate * C_r)`` sampled classes;
-* head activations at their peak: the fused margin softmax keeps one ``[N, K]`` fp32 buffer plus
-  the gathered rows ``[K, D]`` (``N`` = global batch); the contrastive term of the cluster methods
+* head activations at their peak: the fused margin softmax keeps one ``[N, K]`` fp32 buffer
+  (``N`` = global batch; the sampled rows are gathered in forward and again in backward, so only
+  one ``[K, D]`` tensor -- the rows, then their gradient -- exists beside it); the contrastive term of the cluster methods
   adds its own logits, exponentials and gradient chain (``HEAD_CON_NK`` buffers of ``[N, K]``) and
   the gathered cluster centers; the dense update adds torch's weight-decay temporary ``[C_r, D]``;
 * communication buffers: the gathered embeddings and their gradient ``[N, D]``, labels, the
@@ -179,7 +180,12 @@ def plan_memory(cfg: PlanConfig) -> MemoryPlan:
     ]
     if cfg.method in _BANK_METHODS:
         items.append(("cluster bank + concentrations", shard * (d * f32 + _BANK_ROW_EXTRA)))
-    acts = nk + kd  # the fused margin-softmax buffer + the gathered rows of W
+    # The fused margin softmax's [N, K] buffer; the sampled rows of W are gathered in forward and
+    # again (in chunks) in backward, so beside the buffer only one [K, D] tensor exists at a time:
+    # the gathered rows in forward, the gradient (counted above) in backward.
+    acts = nk if cfg.sample_rate < 1.0 else nk + kd
+    if cfg.row_update == "dense" and cfg.sample_rate < 1.0:
+        acts += kd  # the [K, D] row gradient before it is scattered into the dense one
     if cfg.method in _CON_METHODS:
         acts += HEAD_CON_NK * nk + kd  # contrastive logits chain + gathered cluster centers
     if cfg.row_update == "dense":
