@@ -11,7 +11,7 @@ this package allocates:
 * head activations at their peak: the fused margin softmax keeps one ``[N, K]`` fp32 buffer
   (``N`` = global batch; the sampled rows are gathered in forward and again in backward, so only
   one ``[K, D]`` tensor -- the rows, then their gradient -- exists beside it); the contrastive term of the cluster methods
-  adds its own logits, exponentials and gradient chain (``HEAD_CON_NK`` buffers of ``[N, K]``) and
+  adds its own logits, exponentials and gradient chain (``HEAD_CON_NK`` buffers of ``[N, K]``, fitted to a measurement) and
   the gathered cluster centers; the dense update adds torch's weight-decay temporary ``[C_r, D]``;
 * communication buffers: the gathered embeddings and their gradient ``[N, D]``, labels, the
   per-sample all-reduce vectors and the concentration histogram;
@@ -51,7 +51,7 @@ BACKBONE_TABLE: dict[str, tuple[int, int]] = {
 _BANK_METHODS = {"s1", "s2", "s3", "s4", "s5", "s6", "s2_center", "s2_triplet", "s6_center", "s6_triplet"}
 _CON_METHODS = {"s2", "s4", "s6"}
 _BANK_ROW_EXTRA = 28  # counts (int64) + mean_dist (fp32) + dist_obs (int64) + class_counts (int64)
-HEAD_CON_NK = 4  # [N, K] fp32 buffers the contrastive term adds at its peak (logits, mask, exp, grad)
+HEAD_CON_NK = 3  # [N, K] fp32 buffers the contrastive term adds at its peak (measured: 2.7 at 2M classes)
 _PER_SAMPLE_VECTORS = 12  # [N] fp32/int64 vectors of the collectives (max, sum, target, masks, ...)
 
 
