@@ -18,6 +18,7 @@ __all__ = ["PartialFCConfig", "MethodPreset", "PRESETS", "AUX_LOSSES", "TEMPERAT
 AUX_LOSSES = ("contrastive", "center", "triplet")
 TEMPERATURES = ("adaptive", "fixed", "learnable")
 EMBEDDING_GRADS = ("ddp_mean", "exact")
+ROW_UPDATES = ("lazy", "dense")
 DIRECTIONS = ("looser_larger", "looser_smaller")
 
 
@@ -96,6 +97,13 @@ class PartialFCConfig:
         init_std: Standard deviation of the normal initialisation of W.
         seed: Seed of W's initialisation and of the class sampler.
         validate_inputs: Check labels, finiteness and batch sizes every step (one host sync).
+        row_update: How W's shard gets its gradient when ``sample_rate < 1``. ``"lazy"``
+            (default): a row-sparse gradient holding only the sampled rows, for the row optimizers
+            of :mod:`partial_fc.optim` -- unsampled rows keep their momentum frozen and get no
+            weight decay (the Partial FC convention), and no ``[C, D]`` gradient is ever built.
+            ``"dense"``: a dense ``[C, D]`` gradient (zero on unsampled rows) for a plain torch
+            optimizer, whose momentum keeps moving and whose weight decay shrinks every row
+            every step.
     """
 
     num_classes: int
@@ -130,6 +138,7 @@ class PartialFCConfig:
     init_std: float = 0.01
     seed: int = 0
     validate_inputs: bool = True
+    row_update: str = "lazy"
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -155,6 +164,8 @@ class PartialFCConfig:
             bad(f"temperature must be one of {TEMPERATURES}, got {self.temperature!r}")
         if self.embedding_grad not in EMBEDDING_GRADS:
             bad(f"embedding_grad must be one of {EMBEDDING_GRADS}, got {self.embedding_grad!r}")
+        if self.row_update not in ROW_UPDATES:
+            bad(f"row_update must be one of {ROW_UPDATES}, got {self.row_update!r}")
         if self.tau <= 0:
             bad(f"tau must be positive, got {self.tau}")
         if not 0.0 < self.tau_ratio_range[0] <= 1.0 <= self.tau_ratio_range[1]:

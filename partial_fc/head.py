@@ -32,8 +32,9 @@ from .distributed import (
     all_reduce_no_grad,
     check_equal_batch_sizes,
 )
+from .fused import fused_margin_cross_entropy
 from .losses import center_loss, center_triplet_loss, cluster_aligning_loss, distributed_cross_entropy
-from .margins import MarginParams, apply_margin, build_margin
+from .margins import MarginParams, build_margin
 from .sharding import ClassPartition, sample_classes, step_seed
 
 __all__ = ["PartialFCHead", "init_class_centers"]
@@ -58,7 +59,7 @@ def init_class_centers(
     for block in range(first, last + 1):
         b0 = block * _INIT_BLOCK
         gen = torch.Generator().manual_seed(step_seed(seed, block, 0x5EED))
-        rows = torch.randn(_INIT_BLOCK, embedding_size, generator=gen) * std
+        rows = torch.randn(_INIT_BLOCK, embedding_size, generator=gen).mul_(std)  # in place: one block-sized temporary
         lo, hi = max(start, b0), min(start + size, b0 + _INIT_BLOCK)
         out[lo - start : hi - start] = rows[lo - b0 : hi - b0]
     return out.to(device)
@@ -76,7 +77,10 @@ class PartialFCHead(nn.Module):
         **options: Any :class:`PartialFCConfig` field, e.g. ``num_classes=..., method="s6"``.
 
     Attributes:
-        weight: ``[num_local_classes, embedding_size]`` Parameter, this rank's shard of W.
+        weight: ``[num_local_classes, embedding_size]`` Parameter, this rank's shard of W. With
+            ``row_update="lazy"`` and ``sample_rate < 1`` its gradient is row-sparse (a COO tensor
+            of the sampled rows); step it with :class:`partial_fc.optim.SparseRowSGD` or
+            :class:`partial_fc.optim.SparseRowAdamW`.
         bank: The :class:`ClusterBank` of this shard, or ``None`` when the method needs none.
         class_start: First class id owned by this rank.
         num_local_classes: Classes owned by this rank.
@@ -194,6 +198,16 @@ class PartialFCHead(nn.Module):
         ratio = (phi.clamp(stats.lo, stats.hi) / stats.mean_clipped).clamp(*cfg.tau_ratio_range)
         return cfg.tau * ratio
 
+    def _weight_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """``[P, D]`` rows of W wired for the configured gradient (``row_update``).
+
+        ``"lazy"`` gathers with a sparse backward: W's gradient is a row-sparse COO tensor, never
+        a dense ``[C, D]`` one (for :mod:`partial_fc.optim`); ``"dense"`` indexes the Parameter.
+        """
+        if self.config.row_update == "lazy":
+            return F.embedding(index, self.weight, sparse=True)
+        return self.weight[index]
+
     # ----------------------------------------------------------------------------------------------
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """One head step on this rank's batch.
@@ -238,18 +252,15 @@ class PartialFCHead(nn.Module):
         if self.bank is not None:
             stats = concentration_stats(self.bank.phi(), ctx, cfg.phi_percentiles, cfg.phi_bins)
 
-        # Scores may run in autocast's low precision; everything after them is fp32.
         feats = F.normalize(global_emb, dim=1)
-        weight = self.weight if index is None else self.weight[index]
-        cos = (feats @ F.normalize(weight, dim=1).t()).float()
+        lam = self._lambda(local_class, stats)
+        params = self.margin_fn(lam, rows.numel(), device)
+        # Scores may run in autocast's low precision; everything after them is fp32. The sampled
+        # rows are gathered inside (twice, not kept); W's gradient is row-sparse when lazy.
+        ce = fused_margin_cross_entropy(feats, self.weight, rows, cols, params, cfg.margin_grad, cfg.s, ctx,
+                                        index=index, sparse_grad=cfg.row_update == "lazy")
         with torch.autocast(device_type=device.type, enabled=False):
             feats = feats.float()
-            cos = cos.clamp(-1.0, 1.0)
-            lam = self._lambda(local_class, stats)
-            params = self.margin_fn(lam, rows.numel(), device)
-            target_logit = apply_margin(cos[rows, cols], params, cfg.margin_grad)
-            logits = cos.index_put((rows, cols), target_logit) * cfg.s
-            ce = distributed_cross_entropy(logits, target, ctx)
 
             zero = ce.new_zeros(())
             con, ali = zero, zero
@@ -273,7 +284,8 @@ class PartialFCHead(nn.Module):
                 if self.align:
                     present = torch.unique(local_class)
                     present = present[bank.valid(present)]
-                    ali = cluster_aligning_loss(self.weight[present], bank.centers[present], ctx)
+                    w_rows = self.weight[present] if index is None else self._weight_rows(present)
+                    ali = cluster_aligning_loss(w_rows, bank.centers[present], ctx)
             loss = ce + cfg.con_weight * con + cfg.ali_weight * ali
 
         if self.training:

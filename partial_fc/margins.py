@@ -32,6 +32,7 @@ __all__ = [
     "SIN_EPS",
     "MarginParams",
     "apply_margin",
+    "margin_value_and_derivative",
     "register_margin",
     "build_margin",
     "list_margins",
@@ -94,6 +95,33 @@ def apply_margin(cos: torch.Tensor, params: MarginParams, grad_mode: str = "exac
             value, _, _, _ = _margin_value(cos, m1, m2, m3)
         return cos + (value - cos.detach())
     raise ValueError(f"unknown margin grad_mode {grad_mode!r}; choose one of {GRAD_MODES}")
+
+
+@torch.no_grad()
+def margin_value_and_derivative(
+    cos: torch.Tensor, params: MarginParams, grad_mode: str = "exact"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The margin's value and its derivative with respect to ``cos`` (for fused kernels).
+
+    The same numbers :func:`apply_margin` produces in forward and backward, for code that computes
+    its own gradient (see :mod:`partial_fc.fused`).
+
+    Args:
+        cos: ``[n]`` target cosines (fp32), in ``[-1, 1]``.
+        params: Per-sample ``(m1, m2, m3)``.
+        grad_mode: ``"exact"`` or ``"straight_through"`` (derivative 1).
+
+    Returns:
+        ``(value [n], derivative [n])``.
+    """
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"unknown margin grad_mode {grad_mode!r}; choose one of {GRAD_MODES}")
+    m1, m2, m3 = (p.to(cos.dtype).expand_as(cos) for p in (params.m1, params.m2, params.m3))
+    value, theta, u, inside = _margin_value(cos, m1, m2, m3)
+    if grad_mode == "straight_through":
+        return value, torch.ones_like(value)
+    deriv = m1 * torch.sin(u) / torch.sin(theta).clamp_min(SIN_EPS)
+    return value, torch.where(inside, deriv, torch.ones_like(deriv))
 
 
 def cluster_guided_margin(

@@ -37,8 +37,9 @@ Gradient/optimizer semantics:
     Rows of W are saved and restored with their own optimizer state, row for row (SGD
     ``momentum_buffer``, AdamW ``exp_avg``/``exp_avg_sq``; the scalar per-parameter ``step`` is the
     same on every rank and is kept once per shard file). Partial FC samples a subset of classes per
-    step: a row that is never sampled gets a zero gradient, and whatever the optimizer does with it
-    (SGD momentum decays, AdamW moments decay), the checkpoint records the state exactly, so such
+    step: a row that is not sampled is left alone by the lazy row optimizers (``head.row_update``)
+    or gets a zero gradient from a dense one (SGD momentum decays, AdamW moments decay); either way
+    the checkpoint records the state exactly, so such
     rows keep their optimizer state unchanged through save/load and through resharding. Resharding
     moves rows between ranks but never mixes, averages or resets them.
 """

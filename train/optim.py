@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from partial_fc.distributed import ParallelContext, all_reduce_no_grad
+from partial_fc.optim import SparseRowAdamW, SparseRowSGD
 
 __all__ = ["build_optimizer", "lr_factor", "global_grad_norm", "clip_grads_", "param_groups"]
 
@@ -37,7 +38,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(
     name: str, groups: list[dict], lr: float, momentum: float = 0.9, betas: Sequence[float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    eps: float = 1e-8, rows: str = "dense",
 ) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over ``groups`` (each group may carry its own ``weight_decay``).
 
@@ -48,9 +49,18 @@ def build_optimizer(
         momentum: SGD momentum.
         betas: AdamW betas.
         eps: AdamW epsilon.
+        rows: ``"dense"`` (torch's SGD / AdamW) or ``"lazy"`` (the row optimizers of
+            :mod:`partial_fc.optim`, for the head's row-sparse gradient; ``head.row_update``).
     """
     for g in groups:
         g.setdefault("base_lr", lr)
+    if rows == "lazy":
+        if name == "sgd":
+            return SparseRowSGD(groups, lr=lr, momentum=momentum)
+        if name == "adamw":
+            return SparseRowAdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    elif rows != "dense":
+        raise ValueError(f"unknown row update {rows!r}; use 'lazy' or 'dense'")
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name == "adamw":
@@ -80,7 +90,9 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: str = "poly
 
 
 def _sq_norm(params: Iterable[torch.Tensor]) -> Optional[torch.Tensor]:
-    grads = [p.grad for p in params if p.grad is not None]
+    # A row-sparse gradient may hold a row several times (accumulated micro-steps): coalesce
+    # first so each row's norm is that of its summed gradient.
+    grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
     if not grads:
         return None
     return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()

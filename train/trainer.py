@@ -213,7 +213,8 @@ class Trainer:
         groups = [{"params": [self.head.weight], "weight_decay": d.head_weight_decay}]
         if self.head.log_tau is not None:
             groups.append({"params": [self.head.log_tau], "weight_decay": 0.0})
-        return build_optimizer(o.name, groups, d.head_lr, o.momentum, o.betas, o.eps)
+        # head.row_update="lazy": row optimizers that touch only the sampled rows (partial_fc.optim).
+        return build_optimizer(o.name, groups, d.head_lr, o.momentum, o.betas, o.eps, rows=self.cfg.head.row_update)
 
     def _build_metrics(self):
         from .metrics import MetricsHub
