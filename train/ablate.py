@@ -171,7 +171,7 @@ class StudySpec:
     cluster_identities: int = 100
     cluster_images_per_identity: int = 20
     data_seed: int = 0
-    steps: int = 150
+    steps: int = 80
     batch_size: int = 64
     recipe: str = "cpu_demo"
     overrides: tuple[str, ...] = ()
@@ -414,6 +414,24 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def finished_result(spec: StudySpec, variant: Variant, seed: int, runs_dir: Path, data_dir: Path
+                    ) -> Optional[dict[str, Any]]:
+    """The saved result of a run whose fingerprint matches its current config, else ``None``."""
+    from .config import config_to_dict
+
+    cfg = run_config(spec, variant, seed, runs_dir, data_dir)
+    path = cfg.run_dir / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if old.get("fingerprint") != _fingerprint(config_to_dict(cfg), spec):
+        return None
+    return dict(old, reused=True)
+
+
 def train_and_evaluate(spec: StudySpec, variant: Variant, seed: int, runs_dir: Path, data_dir: Path,
                        get_data: Callable[[], EvalData]) -> dict[str, Any]:
     """One run, or its earlier result when the fingerprint matches.
@@ -425,16 +443,11 @@ def train_and_evaluate(spec: StudySpec, variant: Variant, seed: int, runs_dir: P
     from .logging_utils import teardown_logging
     from .trainer import Trainer
 
+    done = finished_result(spec, variant, seed, runs_dir, data_dir)
+    if done is not None:
+        return done
     cfg = run_config(spec, variant, seed, runs_dir, data_dir)
     fp = _fingerprint(config_to_dict(cfg), spec)
-    result_path = cfg.run_dir / "result.json"
-    if result_path.is_file():
-        try:
-            old = json.loads(result_path.read_text())
-        except ValueError:
-            old = {}
-        if old.get("fingerprint") == fp:
-            return dict(old, reused=True)
     if cfg.run_dir.exists():  # unfinished, or made with other settings: start over
         shutil.rmtree(cfg.run_dir)
     data = get_data()
@@ -449,15 +462,39 @@ def train_and_evaluate(spec: StudySpec, variant: Variant, seed: int, runs_dir: P
         trainer.close()
         teardown_logging()
     t2 = time.perf_counter()
+    import torch
+
     result = {
         "variant": variant.label, "method": variant.method, "overrides": list(variant.overrides), "seed": seed,
         "fingerprint": fp, "metrics": metrics, "final_loss": summary.get("final_loss"),
         "steps": summary["step"], "skipped_steps": summary["skipped_steps"],
         "wall_s": round(t2 - t0, 2), "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2),
+        "torch_threads": torch.get_num_threads(), "pid": os.getpid(),
         "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)], "run_dir": str(cfg.run_dir),
     }
-    _atomic_write(result_path, json.dumps(result, indent=2))
+    _atomic_write(cfg.run_dir / "result.json", json.dumps(result, indent=2))
     return dict(result, reused=False)
+
+
+# Worker processes of `--jobs N` (spawned): each decodes the held-out splits once and keeps them.
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(threads: int, data_dir: str) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER["data_dir"] = data_dir
+
+
+def _worker_data() -> EvalData:
+    if "data" not in _WORKER:
+        _WORKER["data"] = EvalData(Path(_WORKER["data_dir"]))
+    return _WORKER["data"]
+
+
+def _worker_run(spec: StudySpec, variant: Variant, seed: int, runs_dir: str, data_dir: str) -> dict[str, Any]:
+    return train_and_evaluate(spec, variant, seed, Path(runs_dir), Path(data_dir), _worker_data)
 
 
 # ------------------------------------------------------------------------------------ aggregation
@@ -573,48 +610,82 @@ def write_figure(agg: Mapping[str, Mapping[str, Mapping[str, float]]], path: Pat
 
 def run_study(spec: StudySpec, variants: Sequence[Variant], seeds: Sequence[int], out: Path, *,
               runs_dir: Optional[Path] = None, data_dir: Optional[Path] = None, figure: bool = True,
-              command: str = "") -> dict[str, Any]:
+              command: str = "", jobs: int = 1, threads: Optional[int] = None) -> dict[str, Any]:
     """Trains and evaluates every variant x seed; writes ``results.json`` and ``table.md`` in ``out``.
 
-    ``results.json`` is rewritten after every run, so an interrupted study leaves what it finished.
+    Runs go seed by seed (every variant of seed 0 first), so an interrupted study still has
+    complete seeds; ``results.json`` and ``table.md`` are rewritten after every run.
+
+    Args:
+        jobs: Runs trained at once, each in its own spawned process. On a small shared CPU two
+            single-threaded processes use the cores better than one two-threaded process, whose
+            threads wait for each other at every operator.
+        threads: Torch threads per worker process (default: 1 with ``jobs > 1``, else torch's).
 
     Returns:
         The content of ``results.json``.
     """
     out.mkdir(parents=True, exist_ok=True)
-    runs_dir = runs_dir or out / "runs"
-    data_dir = data_dir or out / "data"
+    runs_dir = (runs_dir or out / "runs").resolve()
+    data_dir = (data_dir or out / "data").resolve()
     t0 = time.perf_counter()
     ds = ensure_dataset(spec, data_dir)
     print(f"[ablate] dataset {data_dir} ({'reused' if ds['reused'] else 'made in %.1f s' % ds['seconds']})",
           flush=True)
-    cache: list[EvalData] = []
-
-    def get_data() -> EvalData:
-        if not cache:
-            cache.append(EvalData(data_dir))
-        return cache[0]
-
-    runs: list[dict[str, Any]] = []
     study = {
         "command": command, "spec": dataclasses.asdict(spec), "protocol": PROTOCOL, "machine": _machine(),
         "variants": [v.label for v in variants], "seeds": list(seeds), "data_dir": str(data_dir),
+        "jobs": jobs, "threads_per_job": threads, "dataset_seconds": ds.get("seconds", 0.0),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg_start": list(os.getloadavg()),
     }
-    total = len(variants) * len(seeds)
-    for i, (v, seed) in enumerate([(v, s) for v in variants for s in seeds], start=1):
-        r = train_and_evaluate(spec, v, seed, runs_dir, data_dir, get_data)
-        runs.append(r)
+    tasks = [(v, s) for s in seeds for v in variants]
+    done: dict[int, dict[str, Any]] = {}
+    state: dict[str, Any] = {}
+
+    def record(i: int, r: dict[str, Any]) -> None:
+        done[i] = r
+        v, seed = tasks[i]
         m = r["metrics"]
-        print(f"[ablate] {i}/{total} {v.label} seed {seed}: acc {m['acc']:.4f} TAR@1e-3 {m['tar_1e-3']:.4f} "
-              f"hard acc {m['hard_acc']:.4f} NMI {m['nmi']:.4f} BCubed F {m['bcubed_f']:.4f} "
+        print(f"[ablate] {len(done)}/{len(tasks)} {v.label} seed {seed}: acc {m['acc']:.4f} TAR@1e-3 "
+              f"{m['tar_1e-3']:.4f} hard acc {m['hard_acc']:.4f} NMI {m['nmi']:.4f} BCubed F {m['bcubed_f']:.4f} "
               + ("(reused)" if r["reused"] else f"({r['wall_s']:.0f} s, load {r['loadavg_1m'][0]:.1f})"), flush=True)
+        runs = [done[j] for j in sorted(done)]
         agg = aggregate(runs)
-        result = dict(study, runs=runs, aggregate=agg, wall_s=round(time.perf_counter() - t0, 1),
-                      loadavg_end=list(os.getloadavg()),
-                      finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        _atomic_write(out / "results.json", json.dumps(result, indent=1, default=float))
+        state["result"] = dict(study, runs=runs, aggregate=agg, wall_s=round(time.perf_counter() - t0, 1),
+                               loadavg_end=list(os.getloadavg()),
+                               finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        _atomic_write(out / "results.json", json.dumps(state["result"], indent=1, default=float))
         _atomic_write(out / "table.md", format_table(agg))
+
+    todo = []
+    for i, (v, seed) in enumerate(tasks):
+        r = finished_result(spec, v, seed, runs_dir, data_dir)
+        if r is not None:
+            record(i, r)
+        else:
+            todo.append(i)
+    if todo and jobs <= 1:
+        cache: list[EvalData] = []
+
+        def get_data() -> EvalData:
+            if not cache:
+                cache.append(EvalData(data_dir))
+            return cache[0]
+
+        for i in todo:
+            v, seed = tasks[i]
+            record(i, train_and_evaluate(spec, v, seed, runs_dir, data_dir, get_data))
+    elif todo:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads or 1, str(data_dir))) as pool:
+            futures = {pool.submit(_worker_run, spec, tasks[i][0], tasks[i][1], str(runs_dir), str(data_dir)): i
+                       for i in todo}
+            for f in as_completed(futures):
+                record(futures[f], f.result())
+    result = state["result"]
     if figure:
         fig = write_figure(result["aggregate"], out / "ablation.png")
         if fig is not None:
@@ -642,6 +713,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--data", type=Path, default=None, help="dataset directory (default: OUT/data)")
     p.add_argument("--quick", action="store_true", help="a tiny dataset and 3 steps per run (smoke test)")
     p.add_argument("--no-figure", action="store_true", help="do not draw ablation.png")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per job process (default 1 with --jobs > 1)")
     args = p.parse_args(argv)
     try:
         variants = parse_variants(args.variants)
@@ -655,6 +728,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
         if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
             raise ValueError(f"--seeds must be distinct non-negative integers, got {seeds}")
+        if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+            raise ValueError(f"--jobs and --threads must be >= 1, got {args.jobs}, {args.threads}")
         # Fail on a bad override before any data is made or any run starts.
         for v in variants:
             run_config(spec, v, seeds[0], args.out / "runs", args.out / "data")
@@ -663,7 +738,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     command = "pfc ablate " + " ".join(argv if argv is not None else sys.argv[1:])
     result = run_study(spec, variants, seeds, args.out, runs_dir=args.runs_dir, data_dir=args.data,
-                       figure=not args.no_figure, command=command)
+                       figure=not args.no_figure, command=command, jobs=args.jobs, threads=args.threads)
     print(format_table(result["aggregate"]), end="")
     print(f"[ablate] {len(result['runs'])} runs in {result['wall_s']:.0f} s; results in {args.out / 'results.json'}",
           flush=True)

@@ -1,0 +1,71 @@
+"""`pfc ablate --quick`: two variants x one seed end to end, then a second invocation that reuses them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from train.ablate import METRICS
+from train.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(240)
+def test_quick_study_writes_results_and_reuses_finished_runs(tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["ablate", "--quick", "--out", str(out), "--variants", "arcface", "s6:temperature=fixed",
+            "--seeds", "0", "--no-figure"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["variants"] == ["arcface", "s6:temperature=fixed"] and res["seeds"] == [0]
+    assert res["machine"]["cpu_count"] >= 1 and res["command"].startswith("pfc ablate")
+    assert len(res["runs"]) == 2
+    for r in res["runs"]:
+        assert r["reused"] is False and r["steps"] == 3 and r["wall_s"] > 0
+        m = r["metrics"]
+        for key, _ in METRICS:
+            assert key in m
+        # Quick data: 30 pairs, 15 impostors: TAR at 1e-3 is not measurable and must say so.
+        assert m["pairs"] == 30 and math.isnan(m["tar_1e-3"])
+        assert 0.0 <= m["acc"] <= 1.0 and 0.0 <= m["nmi"] <= 1.0 and 0.0 < m["bcubed_f"] <= 1.0
+        assert 0 < m["hard_pairs"] < 30 and m["clusters"] == 6
+    fixed = res["runs"][1]
+    assert fixed["overrides"] == ["head.temperature=fixed"]
+    cfg_text = (tmp_path / "study" / "runs" / "s6__temperature-fixed__seed0" / "config.toml").read_text()
+    assert 'temperature = "fixed"' in cfg_text and 'method = "s6"' in cfg_text
+    agg = res["aggregate"]
+    assert set(agg) == {"arcface", "s6:temperature=fixed"} and agg["arcface"]["acc"]["n"] == 1
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0].startswith("| variant | seeds | Acc | TAR@1e-3 |") and len(table) == 4
+    assert "| `s6:temperature=fixed` | 1 |" in table[3] and "n/a" in table[3]
+
+    # Second invocation: both runs are reused (nothing trained), plus one new seed that is trained.
+    stamp = {d: d.stat().st_mtime_ns for d in (Path(r["run_dir"]) / "result.json" for r in res["runs"])}
+    capsys.readouterr()
+    assert main(["ablate", "--quick", "--out", str(out), "--variants", "arcface", "s6:temperature=fixed",
+                 "--seeds", "0", "--no-figure"]) == 0
+    res2 = json.loads((out / "results.json").read_text())
+    assert [r["reused"] for r in res2["runs"]] == [True, True]
+    assert [r["metrics"] for r in res2["runs"]] == [r["metrics"] for r in res["runs"]]
+    assert "(reused)" in capsys.readouterr().out
+    assert {d: d.stat().st_mtime_ns for d in stamp} == stamp
+
+    # A changed setting invalidates the fingerprint: the run is trained again.
+    assert main(["ablate", "--quick", "--out", str(out), "--variants", "arcface", "--seeds", "0",
+                 "--no-figure", "--set", "optimizer.lr=0.05"]) == 0
+    res3 = json.loads((out / "results.json").read_text())
+    assert [r["reused"] for r in res3["runs"]] == [False]
+
+
+def test_bad_arguments_fail_before_any_work(tmp_path, capsys):
+    out = tmp_path / "nothing"
+    assert main(["ablate", "--quick", "--out", str(out), "--variants", "s9"]) == 2
+    assert "unknown method or group 's9'" in capsys.readouterr().err
+    assert main(["ablate", "--quick", "--out", str(out), "--set", "head.tempreture=fixed"]) == 2
+    assert "temperature" in capsys.readouterr().err
+    assert main(["ablate", "--quick", "--out", str(out), "--seeds", "1", "1"]) == 2
+    assert not out.exists()
