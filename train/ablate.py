@@ -665,6 +665,10 @@ def run_study(spec: StudySpec, variants: Sequence[Variant], seeds: Sequence[int]
         else:
             todo.append(i)
     if todo and jobs <= 1:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         cache: list[EvalData] = []
 
         def get_data() -> EvalData:

@@ -29,10 +29,10 @@ def test_quick_study_writes_results_and_reuses_finished_runs(tmp_path, capsys):
         m = r["metrics"]
         for key, _ in METRICS:
             assert key in m
-        # Quick data: 30 pairs, 15 impostors: TAR at 1e-3 is not measurable and must say so.
-        assert m["pairs"] == 30 and math.isnan(m["tar_1e-3"])
+        # Quick data: 60 pairs, 30 impostors: TAR at 1e-3 is not measurable and must say so.
+        assert m["pairs"] == 60 and math.isnan(m["tar_1e-3"])
         assert 0.0 <= m["acc"] <= 1.0 and 0.0 <= m["nmi"] <= 1.0 and 0.0 < m["bcubed_f"] <= 1.0
-        assert 0 < m["hard_pairs"] < 30 and m["clusters"] == 6
+        assert 0 < m["hard_pairs"] < 60 and m["clusters"] == 6
     fixed = res["runs"][1]
     assert fixed["overrides"] == ["head.temperature=fixed"]
     cfg_text = (tmp_path / "study" / "runs" / "s6__temperature-fixed__seed0" / "config.toml").read_text()
