@@ -14,7 +14,7 @@ from train.cli import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)  # ~20 s on an idle 2-core VM; the margin is for a loaded one
 def test_quick_study_writes_results_and_reuses_finished_runs(tmp_path, capsys):
     out = tmp_path / "study"
     args = ["ablate", "--quick", "--out", str(out), "--variants", "arcface", "s6:temperature=fixed",
@@ -42,6 +42,31 @@ def test_quick_study_writes_results_and_reuses_finished_runs(tmp_path, capsys):
     table = (out / "table.md").read_text().splitlines()
     assert table[0].startswith("| variant | seeds | Acc | TAR@1e-3 |") and len(table) == 4
     assert "| `s6:temperature=fixed` | 1 |" in table[3] and "n/a" in table[3]
+
+    # The de-duplicated pair scoring equals the plain evaluation of every pair of the .bin, and the
+    # hard subset is what identities.json says: rebuild the arcface model from its checkpoint.
+    import numpy as np
+    import torch
+
+    from partial_fc.backbones import build_backbone
+    from train.ablate import hard_pair_mask
+    from train.checkpoint import export_backbone_state
+    from train.evaluate.runner import embed_images, load_pair_set
+    from train.evaluate.verification import ten_fold_accuracy
+
+    arc = res["runs"][0]
+    model = build_backbone("iresnet_nano", num_features=128)
+    model.load_state_dict(export_backbone_state(Path(arc["run_dir"]) / "checkpoints"))
+    model.eval()
+    pairs = load_pair_set(out / "data" / "verification.bin")
+    emb = embed_images(model, pairs.images, torch.device("cpu")).numpy().astype(np.float64)
+    scores = (emb[0::2] * emb[1::2]).sum(1)
+    assert ten_fold_accuracy(scores, pairs.issame)[0] == pytest.approx(arc["metrics"]["acc"], abs=1e-12)
+    meta = json.loads((out / "data" / "identities.json").read_text())["verification"]
+    hard = hard_pair_mask(np.array(meta["pairs"]), meta["identities"], meta["difficulty"])
+    assert int(hard.sum()) == arc["metrics"]["hard_pairs"]
+    assert ten_fold_accuracy(scores[hard], pairs.issame[hard])[0] == pytest.approx(arc["metrics"]["hard_acc"],
+                                                                                    abs=1e-12)
 
     # Second invocation: both runs are reused (nothing trained), plus one new seed that is trained.
     stamp = {d: d.stat().st_mtime_ns for d in (Path(r["run_dir"]) / "result.json" for r in res["runs"])}
