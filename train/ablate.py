@@ -56,7 +56,7 @@ log = logging.getLogger("train.ablate")
 
 __all__ = [
     "Variant", "StudySpec", "PROTOCOL", "METRICS", "GROUPS", "parse_variants", "hard_identities",
-    "hard_pair_mask", "aggregate", "format_table", "run_study", "main",
+    "hard_pair_mask", "aggregate", "format_table", "paired_deltas", "format_delta_table", "run_study", "main",
 ]
 
 #: Version of the evaluation protocol; part of every run's fingerprint.
@@ -559,6 +559,55 @@ def format_table(agg: Mapping[str, Mapping[str, Mapping[str, float]]], baseline:
     return "\n".join(lines) + "\n"
 
 
+def paired_deltas(runs: Sequence[Mapping[str, Any]], baseline: str = "arcface",
+                  metrics: Sequence[str] = tuple(k for k, _ in METRICS)) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-seed differences to the baseline run of the same seed, aggregated over seeds.
+
+    Seed ``k`` of every variant sees the same images in the same order and starts from the same
+    backbone, so the paired difference removes most of the seed-to-seed spread that the plain
+    mean +- std of :func:`aggregate` carries.
+
+    Returns:
+        ``{variant: {metric: {"mean", "std", "n", "wins"}}}`` (variants other than the baseline
+        that share at least one seed with it; ``wins`` counts seeds where the variant is higher).
+    """
+    base = {r["seed"]: r for r in runs if r["variant"] == baseline}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for r in runs:
+        if r["variant"] == baseline or r["seed"] not in base:
+            continue
+        row = out.setdefault(r["variant"], {m: {"d": []} for m in metrics})
+        for m in metrics:
+            row[m]["d"].append(float(r["metrics"].get(m, math.nan)) - float(base[r["seed"]]["metrics"].get(m, math.nan)))
+    for row in out.values():
+        for m, cell in row.items():
+            d = np.array(cell.pop("d"), dtype=np.float64)
+            ok = np.isfinite(d).all()
+            cell.update(mean=float(d.mean()) if ok else math.nan,
+                        std=float(d.std(ddof=1)) if ok and d.size > 1 else math.nan,
+                        n=int(d.size), wins=int((d > 0).sum()) if ok else 0)
+    return out
+
+
+def format_delta_table(deltas: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """Markdown table of :func:`paired_deltas`, in percentage points: ``mean ± std (wins/n)``."""
+    cols = list(METRICS)
+    lines = ["| variant - baseline | " + " | ".join(t for _, t in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, row in deltas.items():
+        cells = []
+        for k, _ in cols:
+            c = row.get(k)
+            if c is None or not math.isfinite(c["mean"]):
+                cells.append("n/a")
+                continue
+            text = f"{100 * c['mean']:+.2f}"
+            if math.isfinite(c["std"]):
+                text += f" ± {100 * c['std']:.2f}"
+            cells.append(f"{text} ({c['wins']}/{c['n']})")
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _machine() -> dict[str, Any]:
     import torch
 
@@ -610,17 +659,23 @@ def write_figure(agg: Mapping[str, Mapping[str, Mapping[str, float]]], path: Pat
 
 def run_study(spec: StudySpec, variants: Sequence[Variant], seeds: Sequence[int], out: Path, *,
               runs_dir: Optional[Path] = None, data_dir: Optional[Path] = None, figure: bool = True,
-              command: str = "", jobs: int = 1, threads: Optional[int] = None) -> dict[str, Any]:
+              command: str = "", jobs: int = 1, threads: Optional[int] = None,
+              order: str = "seed", train: bool = True) -> dict[str, Any]:
     """Trains and evaluates every variant x seed; writes ``results.json`` and ``table.md`` in ``out``.
 
-    Runs go seed by seed (every variant of seed 0 first), so an interrupted study still has
-    complete seeds; ``results.json`` and ``table.md`` are rewritten after every run.
+    By default runs go seed by seed (every variant of seed 0 first), so an interrupted study still
+    has complete seeds; ``order="variant"`` finishes every seed of a variant before the next one
+    (useful to get the first variants listed to all seeds first when time is short).
+    ``results.json`` and ``table.md`` are rewritten after every run.
 
     Args:
         jobs: Runs trained at once, each in its own spawned process. On a small shared CPU two
             single-threaded processes use the cores better than one two-threaded process, whose
             threads wait for each other at every operator.
         threads: Torch threads per worker process (default: 1 with ``jobs > 1``, else torch's).
+        order: ``"seed"`` or ``"variant"``: which loop is the outer one.
+        train: ``False`` only collects finished runs (the others are listed as ``missing``) and
+            writes the report: the tables of a study that was stopped early.
 
     Returns:
         The content of ``results.json``.
@@ -635,10 +690,12 @@ def run_study(spec: StudySpec, variants: Sequence[Variant], seeds: Sequence[int]
     study = {
         "command": command, "spec": dataclasses.asdict(spec), "protocol": PROTOCOL, "machine": _machine(),
         "variants": [v.label for v in variants], "seeds": list(seeds), "data_dir": str(data_dir),
-        "jobs": jobs, "threads_per_job": threads, "dataset_seconds": ds.get("seconds", 0.0),
+        "jobs": jobs, "threads_per_job": threads, "order": order, "dataset_seconds": ds.get("seconds", 0.0),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg_start": list(os.getloadavg()),
     }
-    tasks = [(v, s) for s in seeds for v in variants]
+    if order not in ("seed", "variant"):
+        raise ValueError(f"order must be 'seed' or 'variant', got {order!r}")
+    tasks = [(v, s) for s in seeds for v in variants] if order == "seed" else [(v, s) for v in variants for s in seeds]
     done: dict[int, dict[str, Any]] = {}
     state: dict[str, Any] = {}
 
@@ -655,7 +712,14 @@ def run_study(spec: StudySpec, variants: Sequence[Variant], seeds: Sequence[int]
                                loadavg_end=list(os.getloadavg()),
                                finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         _atomic_write(out / "results.json", json.dumps(state["result"], indent=1, default=float))
-        _atomic_write(out / "table.md", format_table(agg))
+        deltas = paired_deltas(runs)
+        state["result"]["paired_deltas"] = deltas
+        _atomic_write(out / "results.json", json.dumps(state["result"], indent=1, default=float))
+        table = format_table(agg)
+        if deltas:
+            table += ("\nPaired differences to `arcface` (same seed), percentage points: mean ± std "
+                      "(seeds where the variant is higher / seeds)\n\n" + format_delta_table(deltas))
+        _atomic_write(out / "table.md", table)
 
     todo = []
     for i, (v, seed) in enumerate(tasks):
@@ -664,6 +728,11 @@ def run_study(spec: StudySpec, variants: Sequence[Variant], seeds: Sequence[int]
             record(i, r)
         else:
             todo.append(i)
+    state.setdefault("result", dict(study, runs=[], aggregate={}))
+    if not train:
+        state["result"]["missing"] = [{"variant": tasks[i][0].label, "seed": tasks[i][1]} for i in todo]
+        _atomic_write(out / "results.json", json.dumps(state["result"], indent=1, default=float))
+        todo = []
     if todo and jobs <= 1:
         if threads:
             import torch
@@ -690,7 +759,7 @@ def run_study(spec: StudySpec, variants: Sequence[Variant], seeds: Sequence[int]
             for f in as_completed(futures):
                 record(futures[f], f.result())
     result = state["result"]
-    if figure:
+    if figure and result["aggregate"]:
         fig = write_figure(result["aggregate"], out / "ablation.png")
         if fig is not None:
             result["figure"] = str(fig)
@@ -719,6 +788,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-figure", action="store_true", help="do not draw ablation.png")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per job process (default 1 with --jobs > 1)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: collect the finished runs and write results.json, table.md, the figure")
+    p.add_argument("--order", choices=("seed", "variant"), default="seed",
+                   help="outer loop: every variant of a seed first (default), or every seed of a variant")
     args = p.parse_args(argv)
     try:
         variants = parse_variants(args.variants)
@@ -742,8 +815,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     command = "pfc ablate " + " ".join(argv if argv is not None else sys.argv[1:])
     result = run_study(spec, variants, seeds, args.out, runs_dir=args.runs_dir, data_dir=args.data,
-                       figure=not args.no_figure, command=command, jobs=args.jobs, threads=args.threads)
+                       figure=not args.no_figure, command=command, jobs=args.jobs, threads=args.threads,
+                       order=args.order, train=not args.report_only)
     print(format_table(result["aggregate"]), end="")
-    print(f"[ablate] {len(result['runs'])} runs in {result['wall_s']:.0f} s; results in {args.out / 'results.json'}",
-          flush=True)
+    missing = result.get("missing") or []
+    print(f"[ablate] {len(result['runs'])} runs in {result.get('wall_s', 0):.0f} s"
+          + (f", {len(missing)} not run (--report-only)" if missing else "")
+          + f"; results in {args.out / 'results.json'}", flush=True)
     return 0

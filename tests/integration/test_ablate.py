@@ -79,6 +79,14 @@ def test_quick_study_writes_results_and_reuses_finished_runs(tmp_path, capsys):
     assert "(reused)" in capsys.readouterr().out
     assert {d: d.stat().st_mtime_ns for d in stamp} == stamp
 
+    # --report-only trains nothing: finished runs are collected, the others listed as missing.
+    assert main(["ablate", "--quick", "--out", str(out), "--variants", "arcface", "s2", "--seeds", "0",
+                 "--no-figure", "--report-only"]) == 0
+    res_r = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in res_r["runs"]] == ["arcface"] and res_r["runs"][0]["reused"] is True
+    assert res_r["missing"] == [{"variant": "s2", "seed": 0}]
+    assert not (out / "runs" / "s2__seed0").exists()
+
     # A changed setting invalidates the fingerprint: the run is trained again.
     assert main(["ablate", "--quick", "--out", str(out), "--variants", "arcface", "--seeds", "0",
                  "--no-figure", "--set", "optimizer.lr=0.05"]) == 0

@@ -117,3 +117,18 @@ def test_study_spec_validates():
         StudySpec(ver_pairs=31)
     with pytest.raises(ValueError, match="identities"):
         StudySpec(identities=1)
+
+
+def test_paired_deltas_subtract_the_baseline_of_the_same_seed():
+    from train.ablate import format_delta_table, paired_deltas
+
+    runs = [_run("arcface", 0, acc=0.70), _run("arcface", 1, acc=0.60), _run("s6", 1, acc=0.65),
+            _run("s6", 0, acc=0.69), _run("s6", 2, acc=0.99), _run("arcface", 3, acc=0.5)]
+    d = paired_deltas(runs, metrics=("acc",))
+    assert list(d) == ["s6"]
+    cell = d["s6"]["acc"]
+    # Seed 2 has no baseline and is left out; deltas +0.05 (seed 1) and -0.01 (seed 0).
+    assert cell["n"] == 2 and cell["wins"] == 1
+    assert cell["mean"] == pytest.approx(0.02) and cell["std"] == pytest.approx(np.std([0.05, -0.01], ddof=1))
+    row = format_delta_table(d).strip().splitlines()[2]
+    assert row.startswith("| `s6` | +2.00 ± 4.24 (1/2) |")
