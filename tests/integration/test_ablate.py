@@ -40,8 +40,11 @@ def test_quick_study_writes_results_and_reuses_finished_runs(tmp_path, capsys):
     agg = res["aggregate"]
     assert set(agg) == {"arcface", "s6:temperature=fixed"} and agg["arcface"]["acc"]["n"] == 1
     table = (out / "table.md").read_text().splitlines()
-    assert table[0].startswith("| variant | seeds | Acc | TAR@1e-3 |") and len(table) == 4
+    assert table[0].startswith("| variant | seeds | Acc | TAR@1e-3 |") and table[4] == ""
     assert "| `s6:temperature=fixed` | 1 |" in table[3] and "n/a" in table[3]
+    assert table[5].startswith("Paired differences to `arcface`")
+    assert table[-1].startswith("| `s6:temperature=fixed` | ") and "(" in table[-1]
+    assert set(res["paired_deltas"]) == {"s6:temperature=fixed"}
 
     # The de-duplicated pair scoring equals the plain evaluation of every pair of the .bin, and the
     # hard subset is what identities.json says: rebuild the arcface model from its checkpoint.
