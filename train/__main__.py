@@ -2,4 +2,7 @@
 
 from .cli import main
 
-raise SystemExit(main())
+# The guard matters: worker processes started with the "spawn" method (`pfc ablate --jobs N`)
+# import the parent's main module under another name, and must not run the CLI again.
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,6 +8,7 @@ Every subcommand is a ``main(argv) -> int`` function, callable from tests::
     pfc eval    ...                                                verification / clustering / report
     pfc export  --checkpoint DIR [--onnx]                          backbone -> state dict (+ ONNX)
     pfc plan    ...                                                per-rank memory plan
+    pfc ablate  --out DIR [--variants ...] [--seeds ...] [--quick]    the ablation study (docs/results.md)
     pfc config  [--config RECIPE] [--set ...] | --list             print the resolved config
     pfc demo                                                       the README's main job
 """
@@ -249,6 +250,13 @@ def plan_main(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def ablate_main(argv: Sequence[str]) -> int:
+    """``pfc ablate``: see ``train.ablate``."""
+    from .ablate import main
+
+    return main(list(argv))
+
+
 def demo_main(argv: Sequence[str]) -> int:
     """``pfc demo``: the README's main job on a fresh CPU machine.
 
@@ -303,6 +311,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "export": export_main,
     "plan": plan_main,
     "config": config_main,
+    "ablate": ablate_main,
     "demo": demo_main,
 }
 

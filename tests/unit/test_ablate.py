@@ -1,0 +1,134 @@
+"""`pfc ablate` pieces that need no training: variant parsing, hard-third selection, aggregation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from train.ablate import (GROUPS, METRICS, StudySpec, Variant, aggregate, format_table, hard_identities,
+                          hard_pair_mask, parse_variants, run_config)
+
+
+def test_hard_identities_takes_the_top_third_by_difficulty():
+    d = [0.9, 0.1, 0.5, 0.7, 0.2, 0.95]
+    assert hard_identities(d).tolist() == [True, False, False, False, False, True]
+    # ceil(7 / 3) = 3 identities of 7.
+    assert hard_identities([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]).tolist() == [False] * 4 + [True] * 3
+    # Ties at the cut are broken by position, so the count is exact.
+    assert hard_identities([0.5, 0.5, 0.5]).tolist() == [True, False, False]
+    assert hard_identities([0.3, 0.1], fraction=1.0).all()
+
+
+@pytest.mark.parametrize("bad, match", [([], "non-empty"), ([[0.1]], "1-d")])
+def test_hard_identities_rejects_bad_input(bad, match):
+    with pytest.raises(ValueError, match=match):
+        hard_identities(bad)
+    with pytest.raises(ValueError, match="fraction"):
+        hard_identities([0.1], fraction=0.0)
+
+
+def test_hard_pairs_genuine_by_identity_impostor_by_either_side():
+    ids = [10, 11, 12, 13, 14, 15]
+    diff = [0.1, 0.9, 0.2, 0.3, 0.8, 0.4]  # hard: 11 and 14
+    pairs = np.array([[11, 11], [10, 10], [10, 14], [14, 12], [10, 12], [13, 15], [11, 14]])
+    assert hard_pair_mask(pairs, ids, diff).tolist() == [True, False, True, True, False, False, True]
+
+
+def test_hard_pairs_reject_unknown_identities_and_bad_shapes():
+    with pytest.raises(ValueError, match="without a difficulty"):
+        hard_pair_mask(np.array([[1, 99]]), [1, 2, 3], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"\[P, 2\]"):
+        hard_pair_mask(np.array([1, 2, 3]), [1, 2, 3], [0.1, 0.2, 0.3])
+
+
+def _run(variant, seed, **metrics):
+    return {"variant": variant, "seed": seed, "metrics": metrics}
+
+
+def test_aggregate_mean_and_sample_std_per_variant():
+    runs = [_run("arcface", 0, acc=0.80, nmi=0.5), _run("s6", 0, acc=0.90, nmi=0.7),
+            _run("arcface", 1, acc=0.84, nmi=0.6), _run("arcface", 2, acc=0.88, nmi=0.7)]
+    agg = aggregate(runs, metrics=("acc", "nmi"))
+    assert list(agg) == ["arcface", "s6"]  # order of first appearance
+    a = agg["arcface"]["acc"]
+    assert a["n"] == 3
+    assert a["mean"] == pytest.approx(0.84)
+    assert a["std"] == pytest.approx(0.04)  # ddof = 1: sqrt((0.04^2 + 0 + 0.04^2) / 2)
+    assert agg["arcface"]["nmi"]["std"] == pytest.approx(np.std([0.5, 0.6, 0.7], ddof=1))
+    # One seed: a mean, no standard deviation.
+    assert agg["s6"]["acc"]["mean"] == pytest.approx(0.9) and math.isnan(agg["s6"]["acc"]["std"])
+
+
+def test_aggregate_does_not_hide_a_nan_seed():
+    agg = aggregate([_run("s1", 0, acc=0.8), _run("s1", 1, acc=float("nan"))], metrics=("acc", "nmi"))
+    assert math.isnan(agg["s1"]["acc"]["mean"]) and math.isnan(agg["s1"]["acc"]["std"])
+    assert math.isnan(agg["s1"]["nmi"]["mean"])  # missing everywhere
+
+
+def test_table_marks_best_and_below_baseline():
+    keys = [k for k, _ in METRICS]
+    base = {k: 0.5 for k in keys}
+    runs = [_run("arcface", 0, **base), _run("arcface", 1, **dict(base, acc=0.6)),
+            _run("s6", 0, **dict(base, acc=0.7, nmi=0.4)), _run("s6", 1, **dict(base, acc=0.7, nmi=0.4))]
+    table = format_table(aggregate(runs))
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| variant | seeds | Acc |") and len(lines) == 4
+    arc, s6 = lines[2], lines[3]
+    assert "| `arcface` | 2 | 55.00 ± 7.07 |" in arc
+    assert "**70.00 ± 0.00**" in s6 and "40.00 ± 0.00*" in s6  # best acc; NMI below the baseline
+
+
+def test_parse_variants_groups_options_and_errors():
+    vs = parse_variants(["paper"])
+    assert [v.label for v in vs] == list(GROUPS["paper"]) and len(vs) == 11
+    v = parse_variants(["s6:margin_direction=looser_smaller:optimizer.lr=0.05", "s6"])
+    assert v[0] == Variant("s6:margin_direction=looser_smaller:optimizer.lr=0.05", "s6",
+                           ("head.margin_direction=looser_smaller", "optimizer.lr=0.05"))
+    assert "/" not in v[0].slug and ":" not in v[0].slug
+    assert len(parse_variants(["s6", "s6", "arcface"])) == 2
+    with pytest.raises(ValueError, match="unknown method or group 's7'"):
+        parse_variants(["s7"])
+    with pytest.raises(ValueError, match="key=value"):
+        parse_variants(["s6:temperature"])
+    with pytest.raises(ValueError, match="before the first"):
+        parse_variants(["s6:method=s1"])
+
+
+def test_run_config_applies_study_user_and_variant_settings_in_order(tmp_path):
+    spec = StudySpec(steps=40, overrides=("optimizer.lr=0.05", "head.tau=0.2"))
+    v = parse_variants(["s6:tau=0.07"])[0]
+    cfg = run_config(spec, v, 3, tmp_path / "runs", tmp_path / "data")
+    assert cfg.run.max_steps == 40 and cfg.run.seed == 3 and cfg.optimizer.lr == 0.05
+    assert cfg.data.train_rec == str(tmp_path / "data" / "train.rec")
+    assert cfg.run_dir == tmp_path / "runs" / f"{v.slug}__seed3"
+    head = dict(cfg.head.options)
+    assert head["method"] == "s6" and head["tau"] == 0.07 and head["seed"] == 3  # the variant wins
+    assert head["margin_warmup_steps"] == 8 and head["sample_rate"] == 1.0
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="tempreature|temperature"):
+        run_config(spec, parse_variants(["s6:tempreature=fixed"])[0], 0, tmp_path, tmp_path)
+
+
+def test_study_spec_validates():
+    with pytest.raises(ValueError, match="ver_pairs"):
+        StudySpec(ver_pairs=31)
+    with pytest.raises(ValueError, match="identities"):
+        StudySpec(identities=1)
+
+
+def test_paired_deltas_subtract_the_baseline_of_the_same_seed():
+    from train.ablate import format_delta_table, paired_deltas
+
+    runs = [_run("arcface", 0, acc=0.70), _run("arcface", 1, acc=0.60), _run("s6", 1, acc=0.65),
+            _run("s6", 0, acc=0.69), _run("s6", 2, acc=0.99), _run("arcface", 3, acc=0.5)]
+    d = paired_deltas(runs, metrics=("acc",))
+    assert list(d) == ["s6"]
+    cell = d["s6"]["acc"]
+    # Seed 2 has no baseline and is left out; deltas +0.05 (seed 1) and -0.01 (seed 0).
+    assert cell["n"] == 2 and cell["wins"] == 1
+    assert cell["mean"] == pytest.approx(0.02) and cell["std"] == pytest.approx(np.std([0.05, -0.01], ddof=1))
+    row = format_delta_table(d).strip().splitlines()[2]
+    assert row.startswith("| `s6` | +2.00 ± 4.24 (1/2) |")

@@ -1,0 +1,825 @@
+"""``pfc ablate``: the paper's ablation study (baseline, s1..s6, center/triplet variants) on CPU.
+
+One command generates (or reuses) a synthetic identity dataset, trains every variant for every
+seed with the same recipe and budget, evaluates each trained backbone on the held-out splits and
+writes ``results.json`` (every run) and ``table.md`` (mean +- std over seeds)::
+
+    pfc ablate --out runs/ablate                          # the study of docs/results.md
+    pfc ablate --out runs/ablate --variants arcface s6 --seeds 0 1
+    pfc ablate --out runs/s6opts --runs-dir runs/ablate/runs --data runs/ablate/data \\
+        --variants s6-options                             # a second table; reuses arcface and s6
+    pfc ablate --quick --out /tmp/smoke                   # a tiny smoke run (seconds)
+
+Variants are preset names (``arcface``, ``s1``...``s6``, ``s2_center``...), groups (``paper``,
+``s6-options``) or a preset with head options, ``METHOD:key=value[:key=value...]`` (a key without
+a dot is a ``head.`` key; values are TOML literals or bare strings), e.g.
+``s6:margin_direction=looser_smaller:tau=0.05``.
+
+Evaluation protocol (every run, ``PROTOCOL`` below):
+
+- **Verification**: the generator's ``verification.bin`` (pairs of identities disjoint from
+  training). k-fold accuracy and TAR at FAR 1e-3 / 1e-4 over all pairs, and over the *hard*
+  pairs: the hardest third of the verification identities by the generator's ground-truth
+  difficulty (``identities.json``) is "hard"; a genuine pair is hard when its identity is hard,
+  an impostor pair when at least one of its two identities is (the generator's
+  ``pair_difficulty`` is the max of the two). Images shared by several pairs are embedded once.
+- **Clustering**: the generator's clustering split (identities disjoint from both), K-means on the
+  L2-normalised embeddings with k = the true number of identities, seeded with the run's seed;
+  NMI and BCubed F from :mod:`train.evaluate.clustering`.
+
+Runs are resumable: each finished run writes ``result.json`` next to its logs with a fingerprint
+of everything that decides its outcome (config without paths, dataset, protocol); a later
+invocation reuses a run whose fingerprint matches and re-trains any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("train.ablate")
+
+__all__ = [
+    "Variant", "StudySpec", "PROTOCOL", "METRICS", "GROUPS", "parse_variants", "hard_identities",
+    "hard_pair_mask", "aggregate", "format_table", "paired_deltas", "format_delta_table", "run_study", "main",
+]
+
+#: Version of the evaluation protocol; part of every run's fingerprint.
+PROTOCOL = "ablate-v1"
+
+#: Reported metrics, in table order: (key, column title).
+METRICS: tuple[tuple[str, str], ...] = (
+    ("acc", "Acc"),
+    ("tar_1e-3", "TAR@1e-3"),
+    ("tar_1e-4", "TAR@1e-4"),
+    ("hard_acc", "Acc hard"),
+    ("hard_tar_1e-3", "TAR@1e-3 hard"),
+    ("hard_tar_1e-4", "TAR@1e-4 hard"),
+    ("nmi", "NMI"),
+    ("bcubed_f", "BCubed F"),
+)
+
+_PAPER = ("arcface", "s1", "s2", "s3", "s4", "s5", "s6", "s2_center", "s2_triplet", "s6_center", "s6_triplet")
+
+#: Named variant groups accepted by ``--variants``.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "paper": _PAPER,
+    # The documented options of the full method (docs/method.md), one change at a time from s6.
+    "s6-options": (
+        "arcface",
+        "s6",
+        "s6:margin_direction=looser_smaller",
+        "s6:temperature=fixed",
+        "s6:temperature=learnable",
+        "s6:con_weight=0.25:ali_weight=0.25",
+        "s6:margin_warmup_steps=0",
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------ variants
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a head preset plus config overrides.
+
+    Attributes:
+        label: The spec as given (``"s6:temperature=fixed"``); the row's name.
+        method: The preset (``head.method``).
+        overrides: ``section.key=value`` strings applied after the study's own settings.
+    """
+
+    label: str
+    method: str
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def slug(self) -> str:
+        """A directory-safe name of the variant."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.label.replace(":", "__")).strip("-")
+
+
+def parse_variants(specs: Sequence[str]) -> list[Variant]:
+    """Expands groups and parses ``METHOD[:key=value...]`` specs (duplicates are dropped).
+
+    Raises:
+        ValueError: For an unknown method or group, or a malformed option.
+    """
+    from partial_fc.config import PRESETS
+
+    out: list[Variant] = []
+    seen: set[str] = set()
+    for spec in specs:
+        for item in GROUPS.get(spec, (spec,)):
+            method, *opts = item.split(":")
+            if method not in PRESETS:
+                raise ValueError(f"--variants: unknown method or group {method!r} in {item!r}; choose a preset "
+                                 f"({', '.join(PRESETS)}) or a group ({', '.join(GROUPS)})")
+            overrides = []
+            for opt in opts:
+                key, sep, value = opt.partition("=")
+                if not sep or not key or not value:
+                    raise ValueError(f"--variants: option {opt!r} of {item!r} must look like key=value "
+                                     "(e.g. s6:temperature=fixed)")
+                if key in ("method", "head.method"):
+                    raise ValueError(f"--variants: {item!r}: set the method before the first ':' instead")
+                overrides.append(f"{key if '.' in key else 'head.' + key}={value}")
+            if item not in seen:
+                seen.add(item)
+                out.append(Variant(item, method, tuple(overrides)))
+    if not out:
+        raise ValueError("--variants: nothing to run")
+    return out
+
+
+# ------------------------------------------------------------------------------------ the study
+@dataclass(frozen=True)
+class StudySpec:
+    """Dataset and budget of a study (everything shared by its runs).
+
+    Attributes:
+        identities, images_per_identity: Training split.
+        ver_identities, ver_images_per_identity, ver_pairs: Verification split and its pairs.
+        cluster_identities, cluster_images_per_identity: Clustering split.
+        data_seed: Generator seed (the same for every run: seeds vary the training only).
+        steps: Optimizer steps per run.
+        batch_size: Images per step.
+        recipe: Base recipe the study's settings and ``--set`` overrides are applied to.
+        overrides: ``--set`` overrides applied to every run, after the study's settings.
+        far_targets: FARs at which TAR is reported.
+    """
+
+    identities: int = 300
+    images_per_identity: int = 24
+    ver_identities: int = 150
+    ver_images_per_identity: int = 10
+    ver_pairs: int = 40000
+    cluster_identities: int = 100
+    cluster_images_per_identity: int = 20
+    data_seed: int = 0
+    steps: int = 80
+    batch_size: int = 64
+    recipe: str = "cpu_demo"
+    overrides: tuple[str, ...] = ()
+    far_targets: tuple[float, ...] = (1e-3, 1e-4)
+
+    def __post_init__(self) -> None:
+        for name in ("identities", "images_per_identity", "ver_identities", "ver_images_per_identity",
+                     "cluster_identities", "cluster_images_per_identity"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"ablate: {name} must be >= 2, got {getattr(self, name)}")
+        if self.ver_pairs < 20 or self.ver_pairs % 2:
+            raise ValueError(f"ablate: ver_pairs must be even and >= 20, got {self.ver_pairs}")
+        if self.steps < 1 or self.batch_size < 2:
+            raise ValueError(f"ablate: steps must be >= 1 and batch_size >= 2, got {self.steps}, {self.batch_size}")
+
+    def synth_config(self):
+        """The generator's :class:`dali_pipelines.synth.SynthConfig` of this study."""
+        from dali_pipelines.synth import SynthConfig
+
+        return SynthConfig(
+            train_identities=self.identities, images_per_identity=self.images_per_identity,
+            ver_identities=self.ver_identities, ver_images_per_identity=self.ver_images_per_identity,
+            ver_pairs=self.ver_pairs, cluster_identities=self.cluster_identities,
+            cluster_images_per_identity=self.cluster_images_per_identity, seed=self.data_seed,
+        )
+
+    def study_sets(self) -> list[str]:
+        """The study's own overrides of the recipe (before the user's ``--set``)."""
+        return [
+            "data.kind=dali", "data.dali_decode=cpu", "data.dali_threads=1", f"data.batch_size={self.batch_size}",
+            f"run.max_steps={self.steps}", f"run.log_every={max(1, self.steps // 5)}", "run.device=cpu",
+            # One process sees every class: sampling negatives would only add noise to the ablation.
+            "head.sample_rate=1.0",
+            # The recipe's 100-step warm-up is sized for its 558-step run; keep the same fraction.
+            f"head.margin_warmup_steps={self.steps // 5}",
+            f"schedule.warmup_steps={max(1, self.steps // 10)}",
+            # The study evaluates by itself after training (see evaluate_run).
+            "evaluation.bin_files=[]", "evaluation.every_steps=0",
+            "checkpoint.every_steps=0", "checkpoint.resume=none", "checkpoint.keep_last=1",
+            "metrics.prometheus=false", "metrics.progress_bar=false", "export.onnx=false",
+        ]
+
+
+QUICK = StudySpec(identities=12, images_per_identity=6, ver_identities=9, ver_images_per_identity=4, ver_pairs=60,
+                  cluster_identities=6, cluster_images_per_identity=5, steps=3, batch_size=16)
+
+
+def ensure_dataset(spec: StudySpec, data_dir: Path) -> dict[str, Any]:
+    """Generates the study's dataset in ``data_dir`` unless the same one is already there."""
+    from dali_pipelines.synth import generate_synthetic_dataset
+
+    sc = spec.synth_config()
+    want = json.loads(json.dumps(dataclasses.asdict(sc)))
+    meta = data_dir / "identities.json"
+    needed = ("train.rec", "train.idx", "verification.bin", "cluster.rec", "cluster.idx")
+    if meta.is_file() and all((data_dir / n).is_file() for n in needed):
+        try:
+            have = json.loads(meta.read_text()).get("config")
+        except (OSError, ValueError):
+            have = None
+        if have == want:
+            return {"out_dir": str(data_dir), "reused": True}
+    summary = generate_synthetic_dataset(data_dir, sc, progress=False)
+    summary["reused"] = False
+    return summary
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def hard_identities(difficulty: Sequence[float], fraction: float = 1.0 / 3.0) -> np.ndarray:
+    """Mask of the hardest ``ceil(fraction * n)`` identities by ground-truth difficulty.
+
+    Ties at the cut are broken by position (stable), so exactly that many are selected.
+
+    Args:
+        difficulty: ``[n]`` per-identity difficulty (higher = harder).
+        fraction: Fraction of identities that count as hard, in (0, 1].
+
+    Returns:
+        ``[n]`` bool.
+    """
+    d = np.asarray(difficulty, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"difficulty must be a non-empty 1-d sequence, got shape {d.shape}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    k = int(math.ceil(fraction * d.size - 1e-9))
+    order = np.argsort(-d, kind="stable")
+    mask = np.zeros(d.size, dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def hard_pair_mask(pair_ids: np.ndarray, identities: Sequence[int], difficulty: Sequence[float],
+                   fraction: float = 1.0 / 3.0) -> np.ndarray:
+    """Which pairs involve a hard identity (see :func:`hard_identities`).
+
+    A genuine pair (both sides the same identity) is hard when its identity is; an impostor pair
+    when at least one of its identities is, matching the generator's ``pair_difficulty``
+    (the max of the two).
+
+    Args:
+        pair_ids: ``[P, 2]`` identity ids of each pair's two images.
+        identities: ``[n]`` the verification identity ids.
+        difficulty: ``[n]`` their difficulties.
+
+    Returns:
+        ``[P]`` bool.
+    """
+    pair_ids = np.asarray(pair_ids, dtype=np.int64)
+    if pair_ids.ndim != 2 or pair_ids.shape[1] != 2:
+        raise ValueError(f"pair_ids must be [P, 2], got shape {pair_ids.shape}")
+    hard = set(np.asarray(identities, dtype=np.int64)[hard_identities(difficulty, fraction)].tolist())
+    known = set(np.asarray(identities, dtype=np.int64).tolist())
+    unknown = set(pair_ids.ravel().tolist()) - known
+    if unknown:
+        raise ValueError(f"pairs reference identities without a difficulty: {sorted(unknown)[:5]}")
+    return np.array([a in hard or b in hard for a, b in pair_ids.tolist()], dtype=bool)
+
+
+class EvalData:
+    """The decoded held-out splits of a study, shared by all its runs.
+
+    Attributes:
+        ver_images: ``[U, 3, S, S]`` uint8, the distinct images of the verification pairs.
+        pair_index: ``[P, 2]`` int64 rows of ``ver_images`` of each pair.
+        issame: ``[P]`` bool.
+        hard: ``[P]`` bool, the hard pairs (see :func:`hard_pair_mask`).
+        cluster_images: ``[M, 3, S, S]`` uint8.
+        cluster_labels: ``[M]`` int64 identity of each clustering image.
+    """
+
+    def __init__(self, data_dir: Path, image_size: int = 112) -> None:
+        import torch
+
+        from dali_pipelines import FaceRecordDataset, load_verification_bin
+        from dali_pipelines.decode import fit_size, get_decoder
+
+        decode = get_decoder("auto")
+        blobs, issame = load_verification_bin(data_dir / "verification.bin")
+        # The generator draws every pair from a small pool of rendered images: embed each once.
+        index: dict[bytes, int] = {}
+        rows = np.empty(len(blobs), dtype=np.int64)
+        for i, b in enumerate(blobs):
+            rows[i] = index.setdefault(bytes(b), len(index))
+        uniq = sorted(index, key=index.__getitem__)
+        self.ver_images = torch.from_numpy(np.stack([fit_size(decode(b), image_size) for b in uniq])) \
+            .permute(0, 3, 1, 2).contiguous()
+        self.pair_index = rows.reshape(-1, 2)
+        self.issame = np.asarray(issame, dtype=bool)
+        meta = json.loads((data_dir / "identities.json").read_text())
+        v = meta["verification"]
+        if len(v["pairs"]) != len(self.issame):
+            raise ValueError(f"{data_dir}: identities.json lists {len(v['pairs'])} pairs, verification.bin "
+                             f"has {len(self.issame)}; regenerate the dataset")
+        self.hard = hard_pair_mask(np.asarray(v["pairs"]), v["identities"], v["difficulty"])
+        ds = FaceRecordDataset(data_dir / "cluster.rec")
+        try:
+            self.cluster_images = torch.from_numpy(np.stack(
+                [fit_size(decode(ds.encoded_image(i)), image_size) for i in range(len(ds))]
+            )).permute(0, 3, 1, 2).contiguous()
+            self.cluster_labels = np.asarray(ds.labels, dtype=np.int64)
+        finally:
+            ds.close()
+
+
+def _verification(scores: np.ndarray, issame: np.ndarray, fars: Sequence[float], prefix: str) -> dict[str, float]:
+    from .evaluate.verification import tar_at_far, ten_fold_accuracy
+
+    acc, _, _ = ten_fold_accuracy(scores, issame)
+    out = {f"{prefix}acc": acc}
+    for far, tar in tar_at_far(scores, issame, fars).items():
+        out[f"{prefix}tar_{far:.0e}".replace("e-0", "e-")] = tar
+    return out
+
+
+def evaluate_run(model, data: EvalData, *, seed: int, fars: Sequence[float] = (1e-3, 1e-4),
+                 batch_size: int = 256) -> dict[str, float]:
+    """Verification (all and hard pairs) and clustering figures of one trained backbone.
+
+    Args:
+        model: The backbone, ``[B, 3, 112, 112] -> [B, D]``; evaluated in ``eval()`` mode.
+        data: The decoded held-out splits.
+        seed: K-means seed.
+
+    Returns:
+        ``{metric: value}`` with the keys of :data:`METRICS` plus pair counts and cluster counts.
+    """
+    from sklearn.cluster import KMeans
+
+    from .evaluate.clustering import clustering_scores
+    from .evaluate.runner import embed_images
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        ver = embed_images(model, data.ver_images, device, batch_size).numpy().astype(np.float64)
+        clu = embed_images(model, data.cluster_images, device, batch_size).numpy().astype(np.float64)
+    finally:
+        model.train(was_training)
+    a, b = data.pair_index[:, 0], data.pair_index[:, 1]
+    scores = (ver[a] * ver[b]).sum(1)
+    out = _verification(scores, data.issame, fars, "")
+    out.update(_verification(scores[data.hard], data.issame[data.hard], fars, "hard_"))
+    k = int(np.unique(data.cluster_labels).size)
+    pred = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(clu)
+    cs = clustering_scores(data.cluster_labels, pred)
+    out.update(nmi=cs.nmi, bcubed_f=cs.bcubed_f, pairwise_f=cs.pairwise_f)
+    out.update(pairs=int(len(scores)), hard_pairs=int(data.hard.sum()),
+               hard_impostors=int((data.hard & ~data.issame).sum()), clusters=k)
+    return out
+
+
+# ------------------------------------------------------------------------------------ runs
+def _fingerprint(cfg_dict: Mapping[str, Any], spec: StudySpec) -> str:
+    """Hash of what decides a run's result: its config (without paths), the dataset, the protocol."""
+    c = json.loads(json.dumps(cfg_dict, default=str))
+    c.get("run", {}).pop("output_dir", None)
+    c.get("data", {}).pop("train_rec", None)
+    c.get("data", {}).get("synth", {}).pop("out_dir", None)
+    payload = {"config": c, "dataset": dataclasses.asdict(spec.synth_config()), "protocol": PROTOCOL,
+               "fars": list(spec.far_targets)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_config(spec: StudySpec, variant: Variant, seed: int, runs_dir: Path, data_dir: Path):
+    """The :class:`train.config.TrainConfig` of one run (recipe + study + user + variant settings)."""
+    from .config import load_config
+
+    sets = [*spec.study_sets(), *spec.overrides,
+            f"data.train_rec={json.dumps(str(data_dir / 'train.rec'))}",
+            f"run.output_dir={json.dumps(str(runs_dir))}", f"run.name={variant.slug}__seed{seed}",
+            f"run.seed={seed}", f"head.seed={seed}", f"head.method={variant.method}", *variant.overrides]
+    return load_config(spec.recipe, sets)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def finished_result(spec: StudySpec, variant: Variant, seed: int, runs_dir: Path, data_dir: Path
+                    ) -> Optional[dict[str, Any]]:
+    """The saved result of a run whose fingerprint matches its current config, else ``None``."""
+    from .config import config_to_dict
+
+    cfg = run_config(spec, variant, seed, runs_dir, data_dir)
+    path = cfg.run_dir / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if old.get("fingerprint") != _fingerprint(config_to_dict(cfg), spec):
+        return None
+    return dict(old, reused=True)
+
+
+def train_and_evaluate(spec: StudySpec, variant: Variant, seed: int, runs_dir: Path, data_dir: Path,
+                       get_data: Callable[[], EvalData]) -> dict[str, Any]:
+    """One run, or its earlier result when the fingerprint matches.
+
+    ``get_data`` returns the decoded held-out splits; it is only called when the run is trained,
+    so a study whose runs are all reused decodes nothing.
+    """
+    from .config import config_to_dict
+    from .logging_utils import teardown_logging
+    from .trainer import Trainer
+
+    done = finished_result(spec, variant, seed, runs_dir, data_dir)
+    if done is not None:
+        return done
+    cfg = run_config(spec, variant, seed, runs_dir, data_dir)
+    fp = _fingerprint(config_to_dict(cfg), spec)
+    if cfg.run_dir.exists():  # unfinished, or made with other settings: start over
+        shutil.rmtree(cfg.run_dir)
+    data = get_data()
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
+    trainer = Trainer(cfg, handle_signals=False)
+    try:
+        summary = trainer.fit()
+        t1 = time.perf_counter()
+        metrics = evaluate_run(trainer.engine.module, data, seed=seed, fars=spec.far_targets,
+                               batch_size=cfg.evaluation.batch_size)
+    finally:
+        trainer.close()
+        teardown_logging()
+    t2 = time.perf_counter()
+    import torch
+
+    result = {
+        "variant": variant.label, "method": variant.method, "overrides": list(variant.overrides), "seed": seed,
+        "fingerprint": fp, "metrics": metrics, "final_loss": summary.get("final_loss"),
+        "steps": summary["step"], "skipped_steps": summary["skipped_steps"],
+        "wall_s": round(t2 - t0, 2), "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2),
+        "torch_threads": torch.get_num_threads(), "pid": os.getpid(),
+        "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)], "run_dir": str(cfg.run_dir),
+    }
+    _atomic_write(cfg.run_dir / "result.json", json.dumps(result, indent=2))
+    return dict(result, reused=False)
+
+
+# Worker processes of `--jobs N` (spawned): each decodes the held-out splits once and keeps them.
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(threads: int, data_dir: str) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER["data_dir"] = data_dir
+
+
+def _worker_data() -> EvalData:
+    if "data" not in _WORKER:
+        _WORKER["data"] = EvalData(Path(_WORKER["data_dir"]))
+    return _WORKER["data"]
+
+
+def _worker_run(spec: StudySpec, variant: Variant, seed: int, runs_dir: str, data_dir: str) -> dict[str, Any]:
+    return train_and_evaluate(spec, variant, seed, Path(runs_dir), Path(data_dir), _worker_data)
+
+
+# ------------------------------------------------------------------------------------ aggregation
+def aggregate(runs: Sequence[Mapping[str, Any]], metrics: Sequence[str] = tuple(k for k, _ in METRICS)
+              ) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean and sample standard deviation (ddof = 1) of each metric per variant, over seeds.
+
+    A metric that is NaN in any run (e.g. TAR at a FAR the pair count cannot resolve) is NaN in
+    the aggregate rather than silently averaged over fewer seeds.
+
+    Returns:
+        ``{variant: {metric: {"mean", "std", "n"}}}`` in the order variants first appear; ``std``
+        is NaN for a single seed.
+    """
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        grouped.setdefault(r["variant"], []).append(r)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for variant, rs in grouped.items():
+        row = {}
+        for m in metrics:
+            vals = np.array([float(r["metrics"].get(m, math.nan)) for r in rs], dtype=np.float64)
+            n = vals.size
+            mean = float(vals.mean()) if n and np.isfinite(vals).all() else math.nan
+            std = float(vals.std(ddof=1)) if n > 1 and np.isfinite(vals).all() else math.nan
+            row[m] = {"mean": mean, "std": std, "n": n}
+        out[variant] = row
+    return out
+
+
+def format_table(agg: Mapping[str, Mapping[str, Mapping[str, float]]], baseline: Optional[str] = "arcface") -> str:
+    """A Markdown table of ``aggregate``'s output, values in percent (mean +- std).
+
+    The best mean of each column is bold; a row's mean is marked ``*`` when it is below the
+    baseline's mean (when a baseline row is present).
+    """
+    cols = [(k, t) for k, t in METRICS if any(k in row for row in agg.values())]
+    best = {}
+    for k, _ in cols:
+        means = [row[k]["mean"] for row in agg.values() if k in row and math.isfinite(row[k]["mean"])]
+        best[k] = max(means) if means else math.nan
+    base = agg.get(baseline) if baseline else None
+    lines = ["| variant | seeds | " + " | ".join(t for _, t in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for name, row in agg.items():
+        n = max((v["n"] for v in row.values()), default=0)
+        cells = []
+        for k, _ in cols:
+            v = row.get(k)
+            if v is None or not math.isfinite(v["mean"]):
+                cells.append("n/a")
+                continue
+            text = f"{100 * v['mean']:.2f}"
+            if math.isfinite(v["std"]):
+                text += f" ± {100 * v['std']:.2f}"
+            if v["mean"] == best[k] and len(agg) > 1:
+                text = f"**{text}**"
+            if base is not None and name != baseline and math.isfinite(base[k]["mean"]) and v["mean"] < base[k]["mean"]:
+                text += "*"
+            cells.append(text)
+        lines.append(f"| `{name}` | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_deltas(runs: Sequence[Mapping[str, Any]], baseline: str = "arcface",
+                  metrics: Sequence[str] = tuple(k for k, _ in METRICS)) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-seed differences to the baseline run of the same seed, aggregated over seeds.
+
+    Seed ``k`` of every variant sees the same images in the same order and starts from the same
+    backbone, so the paired difference removes most of the seed-to-seed spread that the plain
+    mean +- std of :func:`aggregate` carries.
+
+    Returns:
+        ``{variant: {metric: {"mean", "std", "n", "wins"}}}`` (variants other than the baseline
+        that share at least one seed with it; ``wins`` counts seeds where the variant is higher).
+    """
+    base = {r["seed"]: r for r in runs if r["variant"] == baseline}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for r in runs:
+        if r["variant"] == baseline or r["seed"] not in base:
+            continue
+        row = out.setdefault(r["variant"], {m: {"d": []} for m in metrics})
+        for m in metrics:
+            row[m]["d"].append(float(r["metrics"].get(m, math.nan)) - float(base[r["seed"]]["metrics"].get(m, math.nan)))
+    for row in out.values():
+        for m, cell in row.items():
+            d = np.array(cell.pop("d"), dtype=np.float64)
+            ok = np.isfinite(d).all()
+            cell.update(mean=float(d.mean()) if ok else math.nan,
+                        std=float(d.std(ddof=1)) if ok and d.size > 1 else math.nan,
+                        n=int(d.size), wins=int((d > 0).sum()) if ok else 0)
+    return out
+
+
+def format_delta_table(deltas: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """Markdown table of :func:`paired_deltas`, in percentage points: ``mean ± std (wins/n)``."""
+    cols = list(METRICS)
+    lines = ["| variant - baseline | " + " | ".join(t for _, t in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, row in deltas.items():
+        cells = []
+        for k, _ in cols:
+            c = row.get(k)
+            if c is None or not math.isfinite(c["mean"]):
+                cells.append("n/a")
+                continue
+            text = f"{100 * c['mean']:+.2f}"
+            if math.isfinite(c["std"]):
+                text += f" ± {100 * c['std']:.2f}"
+            cells.append(f"{text} ({c['wins']}/{c['n']})")
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def write_figure(agg: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path) -> Optional[Path]:
+    """A bar chart of every metric per variant with std error bars; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = list(agg)
+    cols = [(k, t) for k, t in METRICS if all(math.isfinite(agg[n][k]["mean"]) for n in names if k in agg[n])]
+    fig, axes = plt.subplots(1, len(cols), figsize=(2.1 * len(cols), 0.28 * len(names) + 1.4), sharey=True)
+    axes = np.atleast_1d(axes)
+    y = np.arange(len(names))
+    for ax, (k, title) in zip(axes, cols):
+        means = np.array([100 * agg[n][k]["mean"] for n in names])
+        stds = np.array([100 * agg[n][k]["std"] if math.isfinite(agg[n][k]["std"]) else 0.0 for n in names])
+        ax.barh(y, means, xerr=stds, color=["0.55" if n == "arcface" else "tab:blue" for n in names],
+                error_kw={"elinewidth": 0.8})
+        if "arcface" in agg:
+            ax.axvline(100 * agg["arcface"][k]["mean"], color="0.3", lw=0.8, ls="--")
+        lo = max(0.0, float((means - stds).min()) - 2.0)
+        ax.set_xlim(lo, min(100.0, float((means + stds).max()) + 1.0))
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].set_yticks(y, names, fontsize=7)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def run_study(spec: StudySpec, variants: Sequence[Variant], seeds: Sequence[int], out: Path, *,
+              runs_dir: Optional[Path] = None, data_dir: Optional[Path] = None, figure: bool = True,
+              command: str = "", jobs: int = 1, threads: Optional[int] = None,
+              order: str = "seed", train: bool = True) -> dict[str, Any]:
+    """Trains and evaluates every variant x seed; writes ``results.json`` and ``table.md`` in ``out``.
+
+    By default runs go seed by seed (every variant of seed 0 first), so an interrupted study still
+    has complete seeds; ``order="variant"`` finishes every seed of a variant before the next one
+    (useful to get the first variants listed to all seeds first when time is short).
+    ``results.json`` and ``table.md`` are rewritten after every run.
+
+    Args:
+        jobs: Runs trained at once, each in its own spawned process. On a small shared CPU two
+            single-threaded processes use the cores better than one two-threaded process, whose
+            threads wait for each other at every operator.
+        threads: Torch threads per worker process (default: 1 with ``jobs > 1``, else torch's).
+        order: ``"seed"`` or ``"variant"``: which loop is the outer one.
+        train: ``False`` only collects finished runs (the others are listed as ``missing``) and
+            writes the report: the tables of a study that was stopped early.
+
+    Returns:
+        The content of ``results.json``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    runs_dir = (runs_dir or out / "runs").resolve()
+    data_dir = (data_dir or out / "data").resolve()
+    t0 = time.perf_counter()
+    ds = ensure_dataset(spec, data_dir)
+    print(f"[ablate] dataset {data_dir} ({'reused' if ds['reused'] else 'made in %.1f s' % ds['seconds']})",
+          flush=True)
+    study = {
+        "command": command, "spec": dataclasses.asdict(spec), "protocol": PROTOCOL, "machine": _machine(),
+        "variants": [v.label for v in variants], "seeds": list(seeds), "data_dir": str(data_dir),
+        "jobs": jobs, "threads_per_job": threads, "order": order, "dataset_seconds": ds.get("seconds", 0.0),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg_start": list(os.getloadavg()),
+    }
+    if order not in ("seed", "variant"):
+        raise ValueError(f"order must be 'seed' or 'variant', got {order!r}")
+    tasks = [(v, s) for s in seeds for v in variants] if order == "seed" else [(v, s) for v in variants for s in seeds]
+    done: dict[int, dict[str, Any]] = {}
+    state: dict[str, Any] = {}
+
+    def record(i: int, r: dict[str, Any]) -> None:
+        done[i] = r
+        v, seed = tasks[i]
+        m = r["metrics"]
+        print(f"[ablate] {len(done)}/{len(tasks)} {v.label} seed {seed}: acc {m['acc']:.4f} TAR@1e-3 "
+              f"{m['tar_1e-3']:.4f} hard acc {m['hard_acc']:.4f} NMI {m['nmi']:.4f} BCubed F {m['bcubed_f']:.4f} "
+              + ("(reused)" if r["reused"] else f"({r['wall_s']:.0f} s, load {r['loadavg_1m'][0]:.1f})"), flush=True)
+        runs = [done[j] for j in sorted(done)]
+        agg = aggregate(runs)
+        state["result"] = dict(study, runs=runs, aggregate=agg, wall_s=round(time.perf_counter() - t0, 1),
+                               loadavg_end=list(os.getloadavg()),
+                               finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        _atomic_write(out / "results.json", json.dumps(state["result"], indent=1, default=float))
+        deltas = paired_deltas(runs)
+        state["result"]["paired_deltas"] = deltas
+        _atomic_write(out / "results.json", json.dumps(state["result"], indent=1, default=float))
+        table = format_table(agg)
+        if deltas:
+            table += ("\nPaired differences to `arcface` (same seed), percentage points: mean ± std "
+                      "(seeds where the variant is higher / seeds)\n\n" + format_delta_table(deltas))
+        _atomic_write(out / "table.md", table)
+
+    todo = []
+    for i, (v, seed) in enumerate(tasks):
+        r = finished_result(spec, v, seed, runs_dir, data_dir)
+        if r is not None:
+            record(i, r)
+        else:
+            todo.append(i)
+    state.setdefault("result", dict(study, runs=[], aggregate={}))
+    if not train:
+        state["result"]["missing"] = [{"variant": tasks[i][0].label, "seed": tasks[i][1]} for i in todo]
+        _atomic_write(out / "results.json", json.dumps(state["result"], indent=1, default=float))
+        todo = []
+    if todo and jobs <= 1:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        cache: list[EvalData] = []
+
+        def get_data() -> EvalData:
+            if not cache:
+                cache.append(EvalData(data_dir))
+            return cache[0]
+
+        for i in todo:
+            v, seed = tasks[i]
+            record(i, train_and_evaluate(spec, v, seed, runs_dir, data_dir, get_data))
+    elif todo:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads or 1, str(data_dir))) as pool:
+            futures = {pool.submit(_worker_run, spec, tasks[i][0], tasks[i][1], str(runs_dir), str(data_dir)): i
+                       for i in todo}
+            for f in as_completed(futures):
+                record(futures[f], f.result())
+    result = state["result"]
+    if figure and result["aggregate"]:
+        fig = write_figure(result["aggregate"], out / "ablation.png")
+        if fig is not None:
+            result["figure"] = str(fig)
+            _atomic_write(out / "results.json", json.dumps(result, indent=1, default=float))
+    return result
+
+
+# ------------------------------------------------------------------------------------ CLI
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``pfc ablate``: see the module docstring. Returns the exit code."""
+    p = argparse.ArgumentParser(
+        prog="pfc ablate", description="Train and evaluate the ablation variants on the synthetic dataset (CPU).")
+    p.add_argument("--out", required=True, type=Path, help="output directory (results.json, table.md, runs/, data/)")
+    p.add_argument("--variants", nargs="+", default=["paper"],
+                   help="presets, groups (paper, s6-options) or METHOD:key=value... (default: paper)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1 2)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: %d)" % StudySpec.steps)
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: %d)" % StudySpec.batch_size)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override applied to every run (repeatable)")
+    p.add_argument("--config", default=StudySpec.recipe, help="base recipe (default: %(default)s)")
+    p.add_argument("--runs-dir", type=Path, default=None, help="run directories (default: OUT/runs); "
+                   "point two studies at the same one to share runs")
+    p.add_argument("--data", type=Path, default=None, help="dataset directory (default: OUT/data)")
+    p.add_argument("--quick", action="store_true", help="a tiny dataset and 3 steps per run (smoke test)")
+    p.add_argument("--no-figure", action="store_true", help="do not draw ablation.png")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per job process (default 1 with --jobs > 1)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: collect the finished runs and write results.json, table.md, the figure")
+    p.add_argument("--order", choices=("seed", "variant"), default="seed",
+                   help="outer loop: every variant of a seed first (default), or every seed of a variant")
+    args = p.parse_args(argv)
+    try:
+        variants = parse_variants(args.variants)
+        base = QUICK if args.quick else StudySpec()
+        changes: dict[str, Any] = {"recipe": args.config, "overrides": tuple(args.overrides)}
+        if args.steps is not None:
+            changes["steps"] = args.steps
+        if args.batch_size is not None:
+            changes["batch_size"] = args.batch_size
+        spec = dataclasses.replace(base, **changes)
+        seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+        if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+            raise ValueError(f"--seeds must be distinct non-negative integers, got {seeds}")
+        if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+            raise ValueError(f"--jobs and --threads must be >= 1, got {args.jobs}, {args.threads}")
+        # Fail on a bad override before any data is made or any run starts.
+        for v in variants:
+            run_config(spec, v, seeds[0], args.out / "runs", args.out / "data")
+    except ValueError as e:  # ConfigError is a ValueError
+        print(f"pfc ablate: {e}", file=sys.stderr)
+        return 2
+    command = "pfc ablate " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = run_study(spec, variants, seeds, args.out, runs_dir=args.runs_dir, data_dir=args.data,
+                       figure=not args.no_figure, command=command, jobs=args.jobs, threads=args.threads,
+                       order=args.order, train=not args.report_only)
+    print(format_table(result["aggregate"]), end="")
+    missing = result.get("missing") or []
+    print(f"[ablate] {len(result['runs'])} runs in {result.get('wall_s', 0):.0f} s"
+          + (f", {len(missing)} not run (--report-only)" if missing else "")
+          + f"; results in {args.out / 'results.json'}", flush=True)
+    return 0
