@@ -80,9 +80,11 @@ pfc_run_requeueable() {
         local restarts=${SLURM_RESTART_COUNT:-0} limit=${PFC_MAX_REQUEUES:-20}
         if [ "$restarts" -ge "$limit" ]; then
             echo "launch: not requeueing: already restarted $restarts times (PFC_MAX_REQUEUES=$limit)" >&2
-        elif scontrol requeue "$SLURM_JOB_ID"; then
-            echo "launch: requeued job $SLURM_JOB_ID (restart $((restarts + 1))); it resumes from the latest checkpoint" >&2
         else
+            # Said before the request: Slurm may end this batch shell as soon as it requeues the job.
+            echo "launch: requeueing job $SLURM_JOB_ID (restart $((restarts + 1))); it resumes from the latest checkpoint" >&2
+        fi
+        if [ "$restarts" -lt "$limit" ] && ! scontrol requeue "$SLURM_JOB_ID"; then
             echo "launch: scontrol requeue $SLURM_JOB_ID failed; resubmit the job to resume" >&2
         fi
     fi

@@ -28,17 +28,6 @@ pytestmark = pytest.mark.slow
 LAUNCH = util.REPO / "launch"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from dali_pipelines.synth import SynthConfig, generate_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("synth")
-    generate_synthetic_dataset(out, SynthConfig(
-        train_identities=32, images_per_identity=12, ver_identities=20, ver_images_per_identity=4,
-        ver_pairs=200, cluster_identities=0, seed=3), workers=1, progress=False)
-    return out
-
-
 def _kill_all(procs):
     for p in procs:
         if p.poll() is None:
@@ -227,7 +216,7 @@ def test_slurm_one_task_per_rank_with_requeue(slurm_conf, data_dir, tmp_path):
             subprocess.run(["scancel", job], env=env, timeout=10)
     assert _job(job, env)["JobState"] == "COMPLETED", _job(job, env)
     out = log.read_text()
-    assert "got SIGUSR1, forwarding to srun" in out and f"requeued job {job} (restart 1)" in out, out[-6000:]
+    assert "got SIGUSR1, forwarding to srun" in out and f"requeueing job {job} (restart 1)" in out, out[-6000:]
     assert "stopped by SIGUSR1" in out, out[-6000:]
     assert f"job {job} restart 1: 2 task(s)" in out and "training step exited with status 0" in out, out[-6000:]
     logs = util.log_lines(run_dir)

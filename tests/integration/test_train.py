@@ -25,17 +25,6 @@ pytestmark = pytest.mark.slow
 _STEP_RE = re.compile(r"step (\d+)/(\d+) epoch \d+ loss ([0-9.naninf]+) \(ce ([0-9.]+)")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    from dali_pipelines.synth import SynthConfig, generate_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("synth")
-    generate_synthetic_dataset(out, SynthConfig(
-        train_identities=32, images_per_identity=12, ver_identities=20, ver_images_per_identity=4,
-        ver_pairs=200, cluster_identities=0, seed=3), workers=1, progress=False)
-    return out
-
-
 def _losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in util.log_lines(run_dir):
