@@ -525,6 +525,16 @@ def aggregate(runs: Sequence[Mapping[str, Any]], metrics: Sequence[str] = tuple(
     return out
 
 
+def _percent(cell: Optional[Mapping[str, float]], signed: bool = False) -> Optional[str]:
+    """``mean ± std`` of a table cell in percent, or ``None`` when there is no finite mean."""
+    if cell is None or not math.isfinite(cell["mean"]):
+        return None
+    text = f"{100 * cell['mean']:{'+' if signed else ''}.2f}"
+    if math.isfinite(cell["std"]):
+        text += f" ± {100 * cell['std']:.2f}"
+    return text
+
+
 def format_table(agg: Mapping[str, Mapping[str, Mapping[str, float]]], baseline: Optional[str] = "arcface") -> str:
     """A Markdown table of ``aggregate``'s output, values in percent (mean +- std).
 
@@ -544,12 +554,10 @@ def format_table(agg: Mapping[str, Mapping[str, Mapping[str, float]]], baseline:
         cells = []
         for k, _ in cols:
             v = row.get(k)
-            if v is None or not math.isfinite(v["mean"]):
+            text = _percent(v)
+            if text is None:
                 cells.append("n/a")
                 continue
-            text = f"{100 * v['mean']:.2f}"
-            if math.isfinite(v["std"]):
-                text += f" ± {100 * v['std']:.2f}"
             if v["mean"] == best[k] and len(agg) > 1:
                 text = f"**{text}**"
             if base is not None and name != baseline and math.isfinite(base[k]["mean"]) and v["mean"] < base[k]["mean"]:
@@ -597,12 +605,10 @@ def format_delta_table(deltas: Mapping[str, Mapping[str, Mapping[str, float]]]) 
         cells = []
         for k, _ in cols:
             c = row.get(k)
-            if c is None or not math.isfinite(c["mean"]):
+            text = _percent(c, signed=True)
+            if text is None:
                 cells.append("n/a")
                 continue
-            text = f"{100 * c['mean']:+.2f}"
-            if math.isfinite(c["std"]):
-                text += f" ± {100 * c['std']:.2f}"
             cells.append(f"{text} ({c['wins']}/{c['n']})")
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
