@@ -7,11 +7,16 @@ plus a normalised copy of the sampled rows ``[K, D]`` and its gradient chain. Wi
 ``N`` of 1,024 and ``K = 77,000`` sampled classes one ``[N, K]`` fp32 buffer is 316 MB, so these
 buffers dominate the head's activation memory.
 
-:func:`fused_margin_cross_entropy` computes the same loss with exactly one ``[N, K]`` buffer: the
-cosines are clamped, margined, scaled, exponentiated and normalised to softmax probabilities *in
-place*, and the backward turns those probabilities into the logit gradient in place again. The
-row norms of W are the only thing kept for the normalisation's backward. The gradient is the exact
-gradient of the unfused chain (tests compare both, single process and on 2-3 gloo ranks):
+:func:`fused_margin_cross_entropy` computes the same loss with exactly one ``[N, K]`` buffer, held
+as column chunks of ``_CHUNK`` classes: the cosines are clamped, margined, scaled, exponentiated and
+normalised to softmax probabilities *in place*, and the backward turns each chunk into the logit
+gradient in place again, uses it for its slice of W's gradient and the features' gradient, and
+frees it. So at the backward's peak the probabilities still to be consumed and the part of W's
+``[K, D]`` gradient already produced add up to one ``[N, K]`` buffer plus one chunk, not both in
+full. W's sampled rows are gathered one chunk at a time (forward and again in backward), never as
+a ``[K, D]`` copy. The row norms of W are the only other thing kept for the normalisation's
+backward. The gradient is the exact gradient of the unfused chain (tests compare both, single
+process and on 2-3 gloo ranks, with chunks smaller than ``K``):
 
 * logits ``z = s * c`` off target, ``z = s * margin(c)`` on target, ``c = clamp(f . w / |w|)``;
 * ``d loss / d z = (softmax(z) - onehot) / N`` with the softmax over all ranks' classes;
@@ -34,82 +39,108 @@ __all__ = ["fused_margin_cross_entropy"]
 
 _TINY = 1e-30
 _NORM_EPS = 1e-12
-_CHUNK = 8192  # rows of W per backward chunk  # F.normalize's default eps: the same clamp of the row norm
+_CHUNK = 4096  # classes per column chunk of the [N, K] buffer (and rows of W gathered at a time)
 
 
 class _FusedMarginCE(torch.autograd.Function):
     @staticmethod
     def forward(fctx, feats, weight, rows, cols, params, grad_mode, s, ctx, index, sparse_grad):
-        # With an index, W's rows are gathered here and dropped after the matmul; backward gathers
-        # them again (chunk by chunk), so no [K, D] copy lives from forward to backward.
-        rows_w = weight.detach() if index is None else weight.detach().index_select(0, index)
-        norms = rows_w.float().norm(dim=1).clamp_min(_NORM_EPS)  # [K]
-        # Under autocast the matmul runs in the low precision, like the unfused chain's.
-        buf = (feats.detach() @ rows_w.t()).float()  # [N, K], divided by |w| below
-        del rows_w
-        buf.div_(norms.unsqueeze(0))
-        n, k = buf.shape
+        f = feats.detach()
+        w_all = weight.detach()
+        k = w_all.shape[0] if index is None else index.numel()
+        n = f.shape[0]
+        # The cosines live in column chunks of _CHUNK classes: W's rows are gathered one chunk at a
+        # time (no [K, D] copy), and backward frees each chunk as soon as it is consumed, so the
+        # probabilities and W's growing gradient never both exist in full.
+        starts = list(range(0, k, _CHUNK))
+        chunks, norms = [], []
+        for c0 in starts:
+            sl = slice(c0, min(k, c0 + _CHUNK))
+            w = w_all[sl] if index is None else w_all.index_select(0, index[sl])
+            nrm = w.float().norm(dim=1).clamp_min(_NORM_EPS)
+            z = (f @ w.t()).float()  # under autocast the matmul runs in the low precision, like the unfused chain's
+            del w
+            chunks.append(z.div_(nrm.unsqueeze(0)))
+            norms.append(nrm)
+        norms = torch.cat(norms) if norms else f.new_zeros(0, dtype=torch.float32)
         # Positions where the raw cosine left [-1, 1] get clamp's zero gradient. Row extrema avoid
         # a full-size mask; only rows that actually overflow are searched.
-        if k:
-            rmin, rmax = torch.aminmax(buf, dim=1)
+        oob = []
+        for z in chunks:
+            rmin, rmax = torch.aminmax(z, dim=1)
             bad = torch.nonzero((rmax > 1.0) | (rmin < -1.0)).squeeze(1)
-        else:
-            bad = torch.zeros(0, dtype=torch.int64, device=buf.device)
-        if bad.numel():
-            sub = buf.index_select(0, bad)
-            r, c = torch.nonzero((sub > 1.0) | (sub < -1.0)).unbind(1)
-            oob = (bad[r], c)
-        else:
-            oob = None
-        buf.clamp_(-1.0, 1.0)
-        value, deriv = margin_value_and_derivative(buf[rows, cols], params, grad_mode)
-        buf.index_put_((rows, cols), value)
-        buf.mul_(s)
-        local_max = buf.amax(dim=1) if k else buf.new_full((n,), -torch.inf)
+            if bad.numel():
+                r, c = torch.nonzero((z.index_select(0, bad) > 1.0) | (z.index_select(0, bad) < -1.0)).unbind(1)
+                oob.append((bad[r], c))
+            else:
+                oob.append(None)
+            z.clamp_(-1.0, 1.0)
+        # Target positions, split by chunk (a sample's target column lies in exactly one chunk).
+        which = torch.div(cols, _CHUNK, rounding_mode="floor")
+        cos_t = torch.empty(rows.numel(), dtype=torch.float32, device=f.device)
+        parts = []
+        for i, z in enumerate(chunks):
+            sel = torch.nonzero(which == i).squeeze(1)
+            parts.append((sel, rows[sel], cols[sel] - starts[i]))
+            cos_t[sel] = z[rows[sel], cols[sel] - starts[i]]
+        value, deriv = margin_value_and_derivative(cos_t, params, grad_mode)
+        local_max = torch.full((n,), -torch.inf, dtype=torch.float32, device=f.device)
+        for z, (sel, r, c) in zip(chunks, parts):
+            z.index_put_((r, c), value[sel])
+            z.mul_(s)
+            torch.maximum(local_max, z.amax(dim=1), out=local_max)
         gmax = all_reduce_no_grad(local_max, ctx, op=dist.ReduceOp.MAX)
         gmax = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
-        buf.sub_(gmax.unsqueeze(1)).exp_()
-        sumexp = all_reduce_no_grad(buf.sum(dim=1), ctx)
-        picked = torch.zeros(n, dtype=buf.dtype, device=buf.device)
+        local_sum = torch.zeros(n, dtype=torch.float32, device=f.device)
+        for z in chunks:
+            local_sum += z.sub_(gmax.unsqueeze(1)).exp_().sum(dim=1)
+        sumexp = all_reduce_no_grad(local_sum, ctx).clamp_min(_TINY)
+        picked = torch.zeros(n, dtype=torch.float32, device=f.device)
         picked[rows] = value * s
         target_logit = all_reduce_no_grad(picked, ctx)
-        per_sample = torch.log(sumexp.clamp_min(_TINY)) + gmax - target_logit
-        buf.div_(sumexp.clamp_min(_TINY).unsqueeze(1))  # softmax probabilities, kept for backward
+        per_sample = torch.log(sumexp) + gmax - target_logit
+        inv = sumexp.reciprocal().unsqueeze(1)
+        for z in chunks:
+            z.mul_(inv)  # softmax probabilities, kept for backward
         # Saving W itself (not a copy) also makes autograd refuse a backward after W was changed.
-        fctx.save_for_backward(feats, weight, norms, buf, rows, cols, deriv, index)
-        fctx.oob, fctx.s, fctx.n, fctx.used, fctx.sparse_grad = oob, s, n, False, sparse_grad
+        fctx.save_for_backward(feats, weight, norms, deriv, index)
+        fctx.chunks, fctx.starts, fctx.parts, fctx.oob = chunks, starts, parts, oob
+        fctx.s, fctx.n, fctx.used, fctx.sparse_grad = s, n, False, sparse_grad
         return per_sample.mean()
 
     @staticmethod
     def backward(fctx, grad_out):
         if fctx.used:
-            raise RuntimeError("fused_margin_cross_entropy's backward reuses its buffer in place and can run only once")
+            raise RuntimeError("fused_margin_cross_entropy's backward consumes its buffers and can run only once")
         fctx.used = True
-        feats, weight, norms, g, rows, cols, deriv, index = fctx.saved_tensors
-        g[rows, cols] -= 1.0  # softmax - onehot: d loss / d logits * N
-        g.mul_(grad_out.float() * (fctx.s / fctx.n))
-        g[rows, cols] *= deriv
-        if fctx.oob is not None:
-            g[fctx.oob] = 0.0
-        # Rows of W are processed in chunks so the normalised rows and the projection's
-        # temporaries never exist for all K rows at once (only the [K, D] gradient itself does).
+        feats, weight, norms, deriv, index = fctx.saved_tensors
         f = feats.detach()
         k = norms.shape[0]
+        scale = grad_out.float() * (fctx.s / fctx.n)
         grad_feats = torch.zeros(f.shape, dtype=torch.float32, device=f.device) if fctx.needs_input_grad[0] else None
         grad_w = torch.empty((k, weight.shape[1]), dtype=weight.dtype, device=weight.device) if fctx.needs_input_grad[1] else None
-        for c0 in range(0, k, _CHUNK):
-            sl = slice(c0, min(k, c0 + _CHUNK))
+        for i, c0 in enumerate(fctx.starts):
+            g, fctx.chunks[i] = fctx.chunks[i], None  # freed at the end of this iteration
+            sel, r, c = fctx.parts[i]
+            sl = slice(c0, c0 + g.shape[1])
+            g[r, c] -= 1.0  # softmax - onehot: d loss / d logits * N
+            g.mul_(scale)
+            g[r, c] *= deriv[sel]
+            if fctx.oob[i] is not None:
+                g[fctx.oob[i]] = 0.0
             nrm = norms[sl].unsqueeze(1)
             w_rows = weight.detach()[sl] if index is None else weight.detach().index_select(0, index[sl])
             w_n = w_rows.float().div(nrm)
-            g_c = g[:, sl].to(f.dtype)
+            del w_rows
+            g_c = g.to(f.dtype)
             if grad_feats is not None:
                 grad_feats += (g_c @ w_n.to(f.dtype)).float()
             if grad_w is not None:
                 gw = (g_c.t() @ f).float()  # gradient w.r.t. the normalised rows
                 gw.sub_(w_n * (w_n * gw).sum(dim=1, keepdim=True)).div_(nrm)
                 grad_w[sl] = gw
+            del g, g_c, w_n
+        fctx.chunks = fctx.parts = fctx.oob = None
         if grad_feats is not None:
             grad_feats = grad_feats.to(feats.dtype)
         if grad_w is not None and index is not None:

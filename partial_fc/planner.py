@@ -9,8 +9,9 @@ this package allocates:
 * head gradient: ``[K, D]`` values of the row-sparse gradient (``row_update="lazy"``) or a dense
   ``[C_r, D]`` one (``"dense"``), with ``K = ceil(sample_rate * C_r)`` sampled classes;
 * head activations at their peak: the fused margin softmax keeps one ``[N, K]`` fp32 buffer
-  (``N`` = global batch; the sampled rows are gathered in forward and again in backward, so only
-  one ``[K, D]`` tensor -- the rows, then their gradient -- exists beside it); the contrastive term of the cluster methods
+  (``N`` = global batch) in column chunks, plus one chunk's temporaries; the sampled rows are
+  gathered a chunk at a time, and backward frees each chunk of the buffer as W's gradient fills in
+  (the plan counts both in full, conservative by up to ``[K, D]``); the contrastive term of the cluster methods
   adds its own logits, exponentials and gradient chain (``HEAD_CON_NK`` buffers of ``[N, K]``, fitted to a measurement) and
   the gathered cluster centers; the dense update adds torch's weight-decay temporary ``[C_r, D]``;
 * communication buffers: the gathered embeddings and their gradient ``[N, D]``, labels, the
@@ -51,6 +52,7 @@ BACKBONE_TABLE: dict[str, tuple[int, int]] = {
 _BANK_METHODS = {"s1", "s2", "s3", "s4", "s5", "s6", "s2_center", "s2_triplet", "s6_center", "s6_triplet"}
 _CON_METHODS = {"s2", "s4", "s6"}
 _BANK_ROW_EXTRA = 28  # counts (int64) + mean_dist (fp32) + dist_obs (int64) + class_counts (int64)
+FUSED_CHUNK = 4096  # partial_fc.fused._CHUNK (a test keeps them equal)
 HEAD_CON_NK = 3  # [N, K] fp32 buffers the contrastive term adds at its peak (measured: 2.7 at 2M classes)
 _PER_SAMPLE_VECTORS = 12  # [N] fp32/int64 vectors of the collectives (max, sum, target, masks, ...)
 
@@ -180,10 +182,13 @@ def plan_memory(cfg: PlanConfig) -> MemoryPlan:
     ]
     if cfg.method in _BANK_METHODS:
         items.append(("cluster bank + concentrations", shard * (d * f32 + _BANK_ROW_EXTRA)))
-    # The fused margin softmax's [N, K] buffer; the sampled rows of W are gathered in forward and
-    # again (in chunks) in backward, so beside the buffer only one [K, D] tensor exists at a time:
-    # the gathered rows in forward, the gradient (counted above) in backward.
-    acts = nk if cfg.sample_rate < 1.0 else nk + kd
+    # The fused margin softmax's [N, K] buffer, held in column chunks that backward frees as W's
+    # gradient (counted above) fills in: they overlap by one chunk, so this sum is conservative by
+    # up to [K, D]. W's rows are gathered a chunk at a time; a backward chunk keeps four [chunk, D]
+    # fp32 temporaries (rows, normalised rows, their gradient, the projection's product).
+    acts = nk + 4 * min(k, FUSED_CHUNK) * d * f32
+    if cfg.sample_rate >= 1.0:
+        acts += kd
     if cfg.row_update == "dense" and cfg.sample_rate < 1.0:
         acts += kd  # the [K, D] row gradient before it is scattered into the dense one
     if cfg.method in _CON_METHODS:

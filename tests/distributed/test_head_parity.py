@@ -82,8 +82,18 @@ def _load_bank(head: PartialFCHead, state) -> None:
         getattr(head.bank, key).copy_(value[lo:hi])
 
 
+def _small_chunks() -> None:
+    """Column chunks of 2 classes in the fused kernels (this spawned process only), so the
+    parity tests cover the chunked forward and backward on every shard size."""
+    import partial_fc.fused
+
+    partial_fc.fused._CHUNK = 2
+
+
 def _parity_worker(rank: int, world_size: int, names: list[str]) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _small_chunks()
 
     results = {}
     for name in names:
@@ -222,6 +232,7 @@ def _sampled_worker(rank: int, world_size: int) -> dict:
 
     from partial_fc.optim import SparseRowSGD
 
+    _small_chunks()
     torch.manual_seed(0)
     model = DDP(_backbone(1))
     heads = {mode: PartialFCHead(**SAMPLED, row_update=mode) for mode in ("lazy", "dense")}

@@ -25,10 +25,18 @@ def test_hand_arithmetic_webface42m():
     assert plan.get("head gradient") == k * 512 * 4
     assert plan.get("cluster bank + concentrations") == shard * (512 * 4 + 28)
     nk, kd = 1024 * k * 4, k * 512 * 4
-    assert plan.get("head activations (peak)") == nk + 3 * nk + kd  # fused buffer, con chain, centers
+    chunk_tmp = 4 * 4096 * 512 * 4  # one backward chunk's [chunk, D] temporaries
+    assert plan.get("head activations (peak)") == nk + chunk_tmp + 3 * nk + kd  # fused buffer, con chain, centers
     assert plan.allgather_bytes == 7 * 128 * (512 * 4 + 8)  # embeddings fp32 + int64 labels from 7 peers
     assert plan.reduce_scatter_bytes == 7 * 128 * 512 * 4
     assert plan.fits is None
+
+
+def test_fused_chunk_constant_matches_kernel():
+    import partial_fc.fused
+    import partial_fc.planner
+
+    assert partial_fc.planner.FUSED_CHUNK == partial_fc.fused._CHUNK
 
 
 def test_dense_update_sgd_vs_adamw_and_backbone():
