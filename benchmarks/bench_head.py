@@ -5,7 +5,8 @@ measures the peak memory per rank. Memory: each design in its own fresh processe
 ``benchmarks/head_step.py`` for the reference design and the memory method). Time: all designs of
 a configuration built side by side in one set of processes and stepped in turn (round robin,
 median of ``--steps`` after ``--warmup``), so that a shared machine's changing load hits them
-alike; wall and process-CPU seconds are both reported. Example::
+alike; wall and process-CPU seconds are both reported. Designs that would not fit side by side
+(``--max-total-gib``) are timed one after the other instead, and the note says so. Example::
 
     python benchmarks/bench_head.py --classes 2059906 --world 8 --rates 0.3 --mode emulate
 
@@ -96,18 +97,26 @@ def main(argv=None) -> int:
                             except RuntimeError as e:
                                 row.update(note=f"failed: {str(e).splitlines()[0]}")
                         config_rows.append(row)
-                    if ran:  # time: all designs that fit, one step each in turn, same processes
-                        kw = dict(designs=ran, num_classes=classes, dim=args.dim, rate=rate, batch=args.batch,
+                    # Time: all designs that fit, one step each in turn, in the same processes; when
+                    # they do not fit side by side, each design alone (and the note says so).
+                    together = procs * sum(_plan(d, classes, world, rate, args.batch, args.dim).head_total / GIB
+                                           + BASELINE_GIB for d in ran)
+                    groups = [ran] if together <= args.max_total_gib else [[d] for d in ran]
+                    for group in groups if ran else []:
+                        kw = dict(designs=group, num_classes=classes, dim=args.dim, rate=rate, batch=args.batch,
                                   steps=args.steps, warmup=args.warmup, **emul)
                         try:
                             res = spawn_fn(interleaved_rank, procs, "/tmp/pfc_bench", threads, args.timeout, **kw)
                             for row in config_rows:
-                                if row["design"] in ran:
+                                if row["design"] in group:
                                     row["step_s"] = round(max(r[row["design"]]["wall_s"] for r in res), 3)
                                     row["cpu_s"] = round(max(r[row["design"]]["cpu_s"] for r in res), 3)
+                                    if len(groups) > 1:
+                                        row["note"] += f"timed alone (together {together:.1f} GiB)"
                         except RuntimeError as e:
                             for row in config_rows:
-                                row["note"] += f" timing failed: {str(e).splitlines()[0]}"
+                                if row["design"] in group:
+                                    row["note"] += f" timing failed: {str(e).splitlines()[0]}"
                     for row in config_rows:
                         print(row, flush=True)
                         w.writerow(row)

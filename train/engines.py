@@ -80,9 +80,10 @@ class DDPEngine(Engine):
             self.wrapped = DDP(
                 module, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=find_unused_parameters, bucket_cap_mb=bucket_cap_mb,
-                # Rank 0's BatchNorm statistics are broadcast each forward, so every rank holds the
-                # same buffers and a checkpoint (written from rank 0) resumes exactly on any rank.
-                broadcast_buffers=True,
+                # Rank 0's BatchNorm statistics are broadcast at init and each forward, so every
+                # rank holds the same buffers and a checkpoint (written from rank 0) resumes
+                # exactly on any rank. (torch 2.13's name for the deprecated broadcast_buffers=True.)
+                forward_sync_buffers=True,
             )
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
