@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-total-gib", type=float, default=14.0)
     p.add_argument("--mem-steps", type=int, default=1, help="timed steps of the fresh-process memory runs")
     p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per process (default: all cores, split across gloo ranks); 1 makes CPU "
+                        "seconds a load-independent measure on a shared machine")
     p.add_argument("--out", default="benchmarks/results/bench_head.csv")
     p.add_argument("--md", default="benchmarks/results/bench_head.md")
     args = p.parse_args(argv)
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
             for world in map(int, args.world.split(",")):
                 for rate in map(float, args.rates.split(",")):
                     procs = world if args.mode == "gloo" else 1
-                    threads = max(1, cpus // world) if args.mode == "gloo" else cpus
+                    threads = args.threads or (max(1, cpus // world) if args.mode == "gloo" else cpus)
                     emul = {} if args.mode == "gloo" else {"emulate_world": world}
                     config_rows, ran = [], []
                     for design in args.designs.split(","):
