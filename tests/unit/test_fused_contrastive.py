@@ -150,3 +150,47 @@ def test_bad_input_errors():
         fused_cluster_contrastive(feats, centers, target, tau, valid.long(), ctx, mask, index)
     with pytest.raises(ValueError, match="chunk"):
         fused_cluster_contrastive(feats, centers, target, tau, valid, ctx, mask, index, chunk=0)
+
+
+def test_con_sample_rate_config_and_train_override():
+    from partial_fc import PartialFCConfig
+    from train import config as C
+
+    assert PartialFCConfig(num_classes=10).con_sample_rate is None  # default: the CE's sample
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="con_sample_rate must be in"):
+            PartialFCConfig(num_classes=10, con_sample_rate=bad)
+    cfg = C.load_config("cpu_demo", ["head.con_sample_rate=0.05"])
+    head = cfg.head.resolve(100) if hasattr(cfg.head, "resolve") else cfg.head
+    assert head.con_sample_rate == 0.05
+    back = C.load_config("cpu_demo", ["head.con_sample_rate=0.05", "head.con_sample_rate=none"]).head
+    assert (back.resolve(100) if hasattr(back, "resolve") else back).con_sample_rate is None
+    with pytest.raises(C.ConfigError, match="con_sample_rate"):
+        C.load_config("cpu_demo", ["head.con_sample_rat=0.1"])
+    with pytest.raises(C.ConfigError, match=r"con_sample_rate must be in \(0, 1\]"):
+        C.load_config("cpu_demo", ["head.con_sample_rate=2"])
+
+
+def test_head_separate_con_sample_is_reproducible_and_keeps_positives():
+    from partial_fc import PartialFCHead
+
+    kw = dict(num_classes=200, embedding_size=8, sample_rate=0.3, method="s2", seed=4)
+    centers = F.normalize(torch.randn(200, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+
+    def head(**extra):
+        h = PartialFCHead(**kw, **extra)
+        h.bank.centers.copy_(centers)
+        h.bank.counts.fill_(1)
+        return h
+
+    heads = [head(con_sample_rate=r) for r in (0.1, 0.1, 0.3)]
+    emb, labels = torch.randn(16, 8), torch.randint(0, 200, (16,))
+    outs = [h(emb, labels) for h in heads]
+    assert float(outs[0]["con"]) > 0
+    torch.testing.assert_close(outs[0]["con"], outs[1]["con"], rtol=0, atol=0)  # same seed, same sample
+    torch.testing.assert_close(outs[0]["ce"], outs[2]["ce"], rtol=0, atol=0)  # the CE sample is untouched
+    assert heads[0].last_stats["con_sampled_local"] == max(20, len(set(labels.tolist())))
+    assert heads[2].last_stats["con_sampled_local"] == heads[2].last_stats["num_sampled_local"] == 60
+    # Same size as the CE's sample but another draw: a different Con value than the default.
+    default = head()(emb, labels)
+    assert not torch.equal(outs[2]["con"], default["con"])
