@@ -9,11 +9,12 @@ The cluster centers are a buffer of the Cluster-Center Bank (no gradient), so th
 are those w.r.t. the ``[N, D]`` features and a scalar learnable temperature. Both are computed in
 forward with an *online* softmax over column chunks of the sampled centers:
 
-* per chunk: gather the centers, ``sims = F C_c^T`` (``[N, chunk]``), ``z = sims / tau_c``, ``-inf``
-  where the center is invalid; update a running row max ``m``, a running sum of exponentials
-  ``l = sum_k exp(z_k - m)`` and a running ``[N, D]`` numerator ``A = sum_k exp(z_k - m) C_k / tau_k``
-  (and for a learnable tau ``B = sum_k exp(z_k - m) sims_k``), rescaling all of them by
-  ``exp(m_old - m_new)`` when the max grows;
+* per chunk: gather the centers and scale them, ``S_c = C_c / tau_c`` (``[chunk, D]``); logits
+  ``z = F S_c^T`` (``[N, chunk]``), ``-inf`` where the center is invalid; update a running row max
+  ``m``, a running sum of exponentials ``l = sum_k exp(z_k - m)`` and a running ``[N, D]``
+  numerator ``A = sum_k exp(z_k - m) C_k / tau_k`` (and for a learnable tau
+  ``B = sum_k exp(z_k - m) z_k``), rescaling all of them by ``exp(m_old - m_new)`` when the max
+  grows;
 * across ranks: all-reduce MAX of ``m``, rescale, all-reduce SUM of ``l``; the target logit is an
   all-reduced ``[N]`` vector that only the owner rank fills.
 
@@ -52,38 +53,38 @@ class _FusedClusterContrastive(torch.autograd.Function):
         m = torch.full((n,), -torch.inf, device=device)
         l = torch.zeros(n, device=device)
         a = torch.zeros(n, d, device=device) if need_f else None
-        b = torch.zeros(n, device=device) if need_tau else None
+        b = torch.zeros(n, device=device) if need_tau else None  # running sum_k exp(z_k - m) z_k
         picked_z = torch.zeros(n, device=device)  # target logit (owner rank only)
-        picked_s = torch.zeros(n, device=device)  # target raw similarity (for tau's gradient)
         owner = target >= 0
+        any_invalid = bool((~valid).any()) if k else False  # one check, not one masked pass per chunk
         for c0 in range(0, k, chunk):
             c1 = min(k, c0 + chunk)
             cen = (centers[c0:c1] if index is None else centers.index_select(0, index[c0:c1])).detach().float()
-            tau_c = tau_d if scalar_tau else tau_d[c0:c1]
-            # Under autocast the similarities run in the low precision (like the margin CE's
-            # matmul); the softmax state below is fp32.
-            sims = (f @ cen.t()).float()  # [N, c]
-            z = sims / tau_c
-            z.masked_fill_(~valid[c0:c1].unsqueeze(0), -torch.inf)
-            in_chunk = owner & (target >= c0) & (target < c1)
-            r = torch.nonzero(in_chunk).squeeze(1)
+            # C_k / tau_k: the temperature is folded into the [c, D] centers, not the [N, c] logits.
+            scaled = cen / (tau_d if scalar_tau else tau_d[c0:c1].unsqueeze(1))
+            del cen
+            # Under autocast the logits' matmul runs in the low precision (like the margin CE's);
+            # the softmax state below is fp32.
+            z = (f @ scaled.t()).float()  # [N, c]
+            if any_invalid:
+                z.masked_fill_(~valid[c0:c1].unsqueeze(0), -torch.inf)
+            r = torch.nonzero(owner & (target >= c0) & (target < c1)).squeeze(1)
             if r.numel():
-                col = target[r] - c0
-                picked_z[r] = z[r, col]
-                picked_s[r] = sims[r, col]
+                picked_z[r] = z[r, target[r] - c0]
             m_new = torch.maximum(m, z.amax(dim=1))
             # Rows with no valid center yet keep m = -inf; 0 stands in so exp() gives 0, not NaN.
             safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
             alpha = torch.exp(m - safe)
             e = z.sub_(safe.unsqueeze(1)).exp_()  # in place: exp(z - m), 0 at invalid centers
-            l.mul_(alpha).add_(e.sum(dim=1))
+            e_sum = e.sum(dim=1)
+            l.mul_(alpha).add_(e_sum)
             if b is not None:
-                b.mul_(alpha).add_((e * sims).sum(dim=1))
+                # sum_k e_k z_k = sum_k e_k log(e_k) + m sum_k e_k (xlogy: 0 where e = 0).
+                b.mul_(alpha).add_(torch.xlogy(e, e).sum(dim=1) + safe * e_sum)
             if a is not None:
-                scaled = cen / (tau_c if scalar_tau else tau_c.unsqueeze(1))  # C_k / tau_k, [c, D]
                 a.mul_(alpha.unsqueeze(1)).add_((e.to(f.dtype) @ scaled.to(f.dtype)).float())
             m = m_new
-            del sims, z, e
+            del z, e, scaled
 
         gmax = all_reduce_no_grad(m, ctx, op=dist.ReduceOp.MAX)
         gmax = torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
@@ -110,9 +111,10 @@ class _FusedClusterContrastive(torch.autograd.Function):
                 tau_t = tau_d if scalar_tau else tau_d[col].unsqueeze(1)
                 grad_f.index_add_(0, r, -(cen / tau_t) * weight[r].unsqueeze(1))
         if b is not None:
-            # d z_ik / d tau = -sims_ik / tau^2 (one scalar tau).
-            owned = torch.where(owner, picked_s, torch.zeros_like(picked_s))
-            grad_tau = -((coef * b).sum() - (weight * owned).sum()) / (tau_d * tau_d)
+            # d z_ik / d tau = -z_ik / tau (one scalar tau).
+            # Masked samples may have a -inf target logit (no center): keep them out of 0 * inf.
+            owned = torch.where(owner & (weight > 0), picked_z, torch.zeros_like(picked_z))
+            grad_tau = -((coef * b).sum() - (weight * owned).sum()) / tau_d
         fctx.save_for_backward(grad_f, grad_tau)
         fctx.feats_dtype, fctx.tau_dtype = feats.dtype, tau.dtype
         return loss
@@ -148,8 +150,8 @@ def fused_cluster_contrastive(
     ``w_i (sum_{k local} p_ik C_k / tau_k - [y_i local] C_{y_i} / tau_{y_i})`` with
     ``w_i = mask_i / count`` and ``p`` the softmax over all ranks' valid centers; summing it across
     ranks (the embedding all-gather's backward does) gives the exact gradient. A 0-d ``tau`` that
-    requires grad gets this rank's contribution ``-sum_i w_i (sum_k p_ik s_ik - [y_i local]
-    s_{i y_i}) / tau^2`` (``s`` the raw similarity); the caller sums it across ranks. The centers get
+    requires grad gets this rank's contribution ``-sum_i w_i (sum_k p_ik z_ik - [y_i local]
+    z_{i y_i}) / tau`` (``z`` the logits); the caller sums it across ranks. The centers get
     no gradient. Both gradients are computed in forward (only ``[N, D]`` and a scalar are kept), so
     the centers may change after the call (the bank's in-place update) without affecting backward.
 

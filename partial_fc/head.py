@@ -7,8 +7,9 @@ gradient contracts):
 2. sample this rank's classes (all positives + random negatives);
 3. score the whole global batch against the sampled local class centers; apply the (possibly
    cluster-guided) margin to target logits on their owner rank; distributed softmax cross-entropy;
-4. optional: cluster contrastive (or center / triplet) loss against the sampled cluster centers,
-   and the cluster-aligning loss between W and C for the batch's classes;
+4. optional: cluster contrastive loss (fused and chunked, against the sampled cluster centers or
+   a sample of its own with ``con_sample_rate``), or center / triplet loss, and the
+   cluster-aligning loss between W and C for the batch's classes;
 5. in training mode, update this rank's shard of the Cluster-Center Bank from the gathered batch,
    *after* the losses used the previous centers.
 """

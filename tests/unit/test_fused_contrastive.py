@@ -75,6 +75,7 @@ def test_matches_unfused_chunks_and_temperatures(chunk):
 def test_masked_samples_all_invalid_and_empty():
     feats, centers, index, valid, target, tau, mask = problem(seed=1)
     mask[:5] = False
+    target[1] = 2  # a masked sample whose own center is invalid: a -inf target logit, no NaN
     _compare(feats, centers, target, tau, valid, mask, index, 3, learn_tau=True)
     # Every sample masked: zero loss and zero gradients, no NaN.
     got = _compare(feats, centers, target, tau, valid, torch.zeros_like(mask), index, 3, learn_tau=True)
