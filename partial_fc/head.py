@@ -35,7 +35,7 @@ from .distributed import (
 )
 from .fused import fused_margin_cross_entropy
 from .fused_contrastive import fused_cluster_contrastive
-from .losses import center_loss, center_triplet_loss, cluster_aligning_loss, distributed_cross_entropy
+from .losses import center_loss, center_triplet_loss, cluster_aligning_loss
 from .margins import MarginParams, build_margin
 from .sharding import ClassPartition, con_step_seed, sample_classes, step_seed
 
@@ -284,7 +284,8 @@ class PartialFCHead(nn.Module):
             con_sampled = k_con
             tau = self._temperature(con_index, stats, k_con, device)
             # Chunked online softmax: no [N, K] buffer, no [K, D] copy of the centers; both
-            # gradients are computed in forward, before the bank's in-place update below.
+            # gradients are computed in forward, before the bank's in-place update below. Its
+            # matmuls follow autocast like the CE's; its softmax state is fp32.
             con = fused_cluster_contrastive(feats, bank.centers, con_target, tau, bank.valid(con_index), ctx,
                                             sample_mask, index=con_index)
         with torch.autocast(device_type=device.type, enabled=False):
