@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.head_step import interleaved_rank, spawn, spawn_fn  # noqa: E402
+from benchmarks.head_step import design_method, interleaved_rank, spawn, spawn_fn  # noqa: E402
 from partial_fc.planner import GIB, PlanConfig, plan_memory  # noqa: E402
 
 DESIGNS = ("reference", "ours_arcface", "ours_s6")
@@ -37,9 +37,10 @@ BASELINE_GIB = 0.35  # torch + gloo resident per process on this machine (measur
 
 
 def _plan(design: str, classes: int, world: int, rate: float, batch: int, dim: int):
-    method = "s6" if design == "ours_s6" else "arcface"
+    method, con_rate = ("arcface", None) if design == "reference" else design_method(design)
     return plan_memory(PlanConfig(num_classes=classes, embedding_size=dim, world_size=world, sample_rate=rate,
-                                  batch=batch, method=method, row_update="dense" if design == "reference" else "lazy"))
+                                  batch=batch, method=method, con_sample_rate=con_rate,
+                                  row_update="dense" if design == "reference" else "lazy"))
 
 
 def main(argv=None) -> int:
@@ -48,7 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--classes", default="100000,1000000,2059906")
     p.add_argument("--world", default="1,2,4,8")
     p.add_argument("--rates", default="0.1,0.3")
-    p.add_argument("--designs", default=",".join(DESIGNS))
+    p.add_argument("--designs", default=",".join(DESIGNS),
+                   help="comma-separated: reference, ours_arcface, ours_s6, or ours_s6_con<rate> (s6 with "
+                        "head.con_sample_rate=<rate>, e.g. ours_s6_con0.05)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--steps", type=int, default=3)

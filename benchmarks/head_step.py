@@ -122,14 +122,29 @@ class ReferencePartialFCv2(nn.Module):
         return _RefCrossEntropy.apply(logits, target, ctx)
 
 
+def design_method(design: str) -> tuple[str, Optional[float]]:
+    """``(method, con_sample_rate)`` of one of our designs: ``ours_arcface``, ``ours_s6`` or
+    ``ours_s6_con<rate>`` (s6 whose Con term draws its own sample, e.g. ``ours_s6_con0.05``)."""
+    if design == "ours_arcface":
+        return "arcface", None
+    if design == "ours_s6":
+        return "s6", None
+    if design.startswith("ours_s6_con"):
+        try:
+            return "s6", float(design[len("ours_s6_con"):])
+        except ValueError:
+            pass
+    raise ValueError(f"unknown design {design!r}: use reference, ours_arcface, ours_s6 or ours_s6_con<rate>")
+
+
 def _build(design: str, num_classes: int, dim: int, rate: float, ctx: ParallelContext):
     if design == "reference":
         head = ReferencePartialFCv2(num_classes, dim, rate, ctx)
         opt = torch.optim.SGD([head.weight], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         return head, opt
-    method = {"ours_arcface": "arcface", "ours_s6": "s6"}[design]
+    method, con_rate = design_method(design)
     head = PartialFCHead(num_classes=num_classes, embedding_size=dim, sample_rate=rate, method=method,
-                         validate_inputs=False)
+                         con_sample_rate=con_rate, validate_inputs=False)
     opt = SparseRowSGD([head.weight], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     return head, opt
 

@@ -66,6 +66,10 @@ class PartialFCConfig:
         num_classes: Number of identities (all ranks together).
         embedding_size: Embedding dimension D.
         sample_rate: Fraction of each rank's classes scored per step (positives always kept).
+        con_sample_rate: Fraction of each rank's classes whose cluster centers are the Con loss's
+            candidates (positives always kept), drawn per step from a generator stream of its own;
+            ``None`` (default) uses the margin CE's sample. A smaller Con sample trades negatives
+            for time: the Con term costs two ``N x K x D`` matmuls over its sample.
         method: A preset name from ``PRESETS``.
         margin: Override the preset's margin (a registered name), or ``None``.
         s: Logit scale.
@@ -109,6 +113,7 @@ class PartialFCConfig:
     num_classes: int
     embedding_size: int = 512
     sample_rate: float = 1.0
+    con_sample_rate: Optional[float] = None
     method: str = "arcface"
     margin: Optional[str] = None
     s: float = 64.0
@@ -152,6 +157,8 @@ class PartialFCConfig:
             bad("num_classes and embedding_size must be positive")
         if not 0.0 < self.sample_rate <= 1.0:
             bad(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.con_sample_rate is not None and not 0.0 < self.con_sample_rate <= 1.0:
+            bad(f"con_sample_rate must be in (0, 1] (or None for the margin CE's sample), got {self.con_sample_rate}")
         if self.s <= 0:
             bad(f"scale s must be positive, got {self.s}")
         if self.m_min > self.m_max:

@@ -7,8 +7,9 @@ gradient contracts):
 2. sample this rank's classes (all positives + random negatives);
 3. score the whole global batch against the sampled local class centers; apply the (possibly
    cluster-guided) margin to target logits on their owner rank; distributed softmax cross-entropy;
-4. optional: cluster contrastive (or center / triplet) loss against the sampled cluster centers,
-   and the cluster-aligning loss between W and C for the batch's classes;
+4. optional: cluster contrastive loss (fused and chunked, against the sampled cluster centers or
+   a sample of its own with ``con_sample_rate``), or center / triplet loss, and the
+   cluster-aligning loss between W and C for the batch's classes;
 5. in training mode, update this rank's shard of the Cluster-Center Bank from the gathered batch,
    *after* the losses used the previous centers.
 """
@@ -33,9 +34,10 @@ from .distributed import (
     check_equal_batch_sizes,
 )
 from .fused import fused_margin_cross_entropy
-from .losses import center_loss, center_triplet_loss, cluster_aligning_loss, distributed_cross_entropy
+from .fused_contrastive import fused_cluster_contrastive
+from .losses import center_loss, center_triplet_loss, cluster_aligning_loss
 from .margins import MarginParams, build_margin
-from .sharding import ClassPartition, sample_classes, step_seed
+from .sharding import ClassPartition, con_step_seed, sample_classes, step_seed
 
 __all__ = ["PartialFCHead", "init_class_centers"]
 
@@ -190,7 +192,7 @@ class PartialFCHead(nn.Module):
     def _temperature(self, index: Optional[torch.Tensor], stats: Optional[ConcentrationStats], k: int, device):
         cfg = self.config
         if cfg.temperature == "learnable":
-            return self.log_tau.exp().expand(k)
+            return self.log_tau.exp()  # 0-d: one temperature for all centers, with a gradient
         if cfg.temperature == "fixed" or stats is None or stats.mean_clipped <= 0:
             return torch.full((k,), cfg.tau, device=device)
         phi = self.bank.phi(index)
@@ -259,37 +261,52 @@ class PartialFCHead(nn.Module):
         # rows are gathered inside (twice, not kept); W's gradient is row-sparse when lazy.
         ce = fused_margin_cross_entropy(feats, self.weight, rows, cols, params, cfg.margin_grad, cfg.s, ctx,
                                         index=index, sparse_grad=cfg.row_update == "lazy")
+        zero = ce.new_zeros(())
+        con, ali = zero, zero
+        con_sampled = None
+        bank = self.bank
+        sample_mask = None
+        if self.aux is not None:
+            # Samples whose class has a cluster center (the owner knows; every rank gets the mask).
+            own_valid = torch.zeros(target.shape[0], device=device)
+            own_valid[rows] = bank.valid(local_class).float()
+            sample_mask = all_reduce_no_grad(own_valid, ctx) > 0
+        if self.aux == "contrastive":
+            con_index, con_target = index, target
+            if cfg.con_sample_rate is not None:
+                con_gen = None
+                if cfg.con_sample_rate < 1.0:
+                    con_gen = torch.Generator(device=device).manual_seed(con_step_seed(cfg.seed, step, ctx.rank))
+                con_s = sample_classes(global_labels, self.class_start, self.num_local_classes,
+                                       cfg.con_sample_rate, con_gen)
+                con_index, con_target = con_s.index, con_s.target
+            k_con = self.num_local_classes if con_index is None else con_index.shape[0]
+            con_sampled = k_con
+            tau = self._temperature(con_index, stats, k_con, device)
+            # Chunked online softmax: no [N, K] buffer, no [K, D] copy of the centers; both
+            # gradients are computed in forward, before the bank's in-place update below. Its
+            # matmuls follow autocast like the CE's; its softmax state is fp32.
+            con = fused_cluster_contrastive(feats, bank.centers, con_target, tau, bank.valid(con_index), ctx,
+                                            sample_mask, index=con_index)
         with torch.autocast(device_type=device.type, enabled=False):
             feats = feats.float()
-
-            zero = ce.new_zeros(())
-            con, ali = zero, zero
-            if self.aux is not None or self.align:
-                bank = self.bank
+            if self.aux in ("center", "triplet"):
                 # A copy: the bank is updated in place below, before backward reads these centers.
                 centers = bank.centers.clone() if index is None else bank.centers[index]
-                valid = bank.valid(index)
-                own_valid = torch.zeros(target.shape[0], device=device)
-                own_valid[rows] = valid[cols].float()
-                sample_mask = all_reduce_no_grad(own_valid, ctx) > 0
-                if self.aux == "contrastive":
-                    tau = self._temperature(index, stats, centers.shape[0], device)
-                    con_logits = (feats @ centers.t()) / tau
-                    con_logits = con_logits.masked_fill(~valid.unsqueeze(0), -torch.inf)
-                    con = distributed_cross_entropy(con_logits, target, ctx, sample_mask)
-                elif self.aux == "center":
+                if self.aux == "center":
                     con = center_loss(feats, target, centers, sample_mask, ctx)
-                elif self.aux == "triplet":
-                    con = center_triplet_loss(feats, target, centers, valid, sample_mask, cfg.triplet_margin, ctx)
-                if self.align:
-                    present = torch.unique(local_class)
-                    present = present[bank.valid(present)]
-                    w_rows = self.weight[present] if index is None else self._weight_rows(present)
-                    ali = cluster_aligning_loss(w_rows, bank.centers[present], ctx)
+                else:
+                    con = center_triplet_loss(feats, target, centers, bank.valid(index), sample_mask,
+                                              cfg.triplet_margin, ctx)
+            if self.align:
+                present = torch.unique(local_class)
+                present = present[bank.valid(present)]
+                w_rows = self.weight[present] if index is None else self._weight_rows(present)
+                ali = cluster_aligning_loss(w_rows, bank.centers[present], ctx)
             loss = ce + cfg.con_weight * con + cfg.ali_weight * ali
 
         if self.training:
-            self._record_stats(stats, params, sampled.num_sampled, ctx)
+            self._record_stats(stats, params, sampled.num_sampled, ctx, con_sampled)
             if self.bank is not None:
                 local_all = global_labels - self.class_start
                 in_shard = (local_all >= 0) & (local_all < self.num_local_classes)
@@ -297,8 +314,11 @@ class PartialFCHead(nn.Module):
             self.step += 1
         return {"loss": loss, "ce": ce, "con": con, "ali": ali}
 
-    def _record_stats(self, stats, params, num_sampled: int, ctx: ParallelContext) -> None:
+    def _record_stats(self, stats, params, num_sampled: int, ctx: ParallelContext,
+                      con_sampled: Optional[int] = None) -> None:
         s = {"num_sampled_local": float(num_sampled)}
+        if con_sampled is not None:
+            s["con_sampled_local"] = float(con_sampled)
         if stats is not None:
             s.update(phi_min=stats.min, phi_mean=stats.mean, phi_max=stats.max,
                      phi_lo=stats.lo, phi_hi=stats.hi, phi_known=float(stats.num_known))

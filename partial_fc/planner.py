@@ -11,9 +11,11 @@ this package allocates:
 * head activations at their peak: the fused margin softmax keeps one ``[N, K]`` fp32 buffer
   (``N`` = global batch) in column chunks, plus one chunk's temporaries; the sampled rows are
   gathered a chunk at a time, and backward frees each chunk of the buffer as W's gradient fills in
-  (the plan counts both in full, conservative by up to ``[K, D]``); the contrastive term of the cluster methods
-  adds its own logits, exponentials and gradient chain (``HEAD_CON_NK`` buffers of ``[N, K]``, fitted to a measurement) and
-  the gathered cluster centers; the dense update adds torch's weight-decay temporary ``[C_r, D]``;
+  (the plan counts both in full, conservative by up to ``[K, D]``); the fused contrastive term of the cluster
+  methods (:mod:`partial_fc.fused_contrastive`) adds only chunk-sized transients (``HEAD_CON_CHUNK_NC`` buffers of
+  ``[N, chunk]`` and two of ``[chunk, D]``, ``chunk = min(CON_CHUNK, K_con)``) and two ``[N, D]`` fp32 tensors (its
+  running numerator, which becomes the feature gradient kept for backward, and a chunk's product), whatever its sample size ``K_con``
+  (``con_sample_rate``, default the CE's ``K``); the dense update adds torch's weight-decay temporary ``[C_r, D]``;
 * communication buffers: the gathered embeddings and their gradient ``[N, D]``, labels, the
   per-sample all-reduce vectors and the concentration histogram;
 * backbone: parameters, gradients and optimizer state from exact parameter counts, and activations
@@ -53,7 +55,10 @@ _BANK_METHODS = {"s1", "s2", "s3", "s4", "s5", "s6", "s2_center", "s2_triplet", 
 _CON_METHODS = {"s2", "s4", "s6"}
 _BANK_ROW_EXTRA = 28  # counts (int64) + mean_dist (fp32) + dist_obs (int64) + class_counts (int64)
 FUSED_CHUNK = 4096  # partial_fc.fused._CHUNK (a test keeps them equal)
-HEAD_CON_NK = 3  # [N, K] fp32 buffers the contrastive term adds at its peak (measured: 2.7 at 2M classes)
+# [N, chunk] fp32 transients of the fused contrastive term at its peak: the similarities, the
+# logits turned into exponentials in place, and the learnable temperature's product.
+HEAD_CON_CHUNK_NC = 3
+CON_CHUNK = 8192  # partial_fc.fused_contrastive.CON_CHUNK (not imported: the planner needs no torch)
 _PER_SAMPLE_VECTORS = 12  # [N] fp32/int64 vectors of the collectives (max, sum, target, masks, ...)
 
 
@@ -73,6 +78,8 @@ class PlanConfig:
         method: Head method (a ``partial_fc.config.PRESETS`` name).
         optimizer: ``"sgd"`` (with momentum) or ``"adamw"``, for head and backbone.
         row_update: ``"lazy"`` or ``"dense"`` (``head.row_update``).
+        con_sample_rate: ``head.con_sample_rate``: the Con term's own sample rate, ``None`` for the
+            CE's sample.
         overhead_gib: Framework / CUDA context memory per rank.
         gpu_memory_gib: Memory of one device, for the fits verdict; ``None`` skips it.
     """
@@ -87,6 +94,7 @@ class PlanConfig:
     method: str = "arcface"
     optimizer: str = "sgd"
     row_update: str = "lazy"
+    con_sample_rate: Optional[float] = None
     overhead_gib: float = 0.0
     gpu_memory_gib: Optional[float] = None
 
@@ -100,6 +108,8 @@ class PlanConfig:
             bad(f"num_classes ({self.num_classes}) must be at least world_size ({self.world_size})")
         if not 0.0 < self.sample_rate <= 1.0:
             bad(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.con_sample_rate is not None and not 0.0 < self.con_sample_rate <= 1.0:
+            bad(f"con_sample_rate must be in (0, 1] or None, got {self.con_sample_rate}")
         if self.dtype not in DTYPE_BYTES:
             bad(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.backbone is not None and self.backbone not in BACKBONE_TABLE:
@@ -122,6 +132,8 @@ class MemoryPlan:
         items: ``(name, bytes)`` in display order.
         shard_classes: ``C_r``, classes on the largest shard.
         sampled_classes: ``K`` per step on that shard.
+        con_sampled_classes: ``K_con``, the Con term's candidates per step on that shard (0 when
+            the method has no Con term).
         global_batch: ``N``.
         allgather_bytes: Bytes each rank receives per step in the forward all-gathers (embeddings
             and labels); the backward reduce-scatter of the embedding gradient moves as much again
@@ -138,6 +150,7 @@ class MemoryPlan:
     allgather_bytes: int
     reduce_scatter_bytes: int
     allreduce_bytes: int
+    con_sampled_classes: int = 0
     fits: Optional[bool] = None
     config: Optional[PlanConfig] = field(default=None, repr=False)
 
@@ -169,9 +182,15 @@ def plan_memory(cfg: PlanConfig) -> MemoryPlan:
     act = DTYPE_BYTES[cfg.dtype]
     shard = math.ceil(cfg.num_classes / cfg.world_size)
     n = cfg.batch * cfg.world_size
-    # Positives are always kept: with uniformly spread labels a shard sees about N / world_size.
-    k = shard if cfg.sample_rate >= 1.0 else min(shard, max(math.ceil(cfg.sample_rate * shard),
-                                                             math.ceil(n / cfg.world_size)))
+
+    def sampled(rate: float) -> int:
+        # Positives are always kept: with uniformly spread labels a shard sees about N / world_size.
+        return shard if rate >= 1.0 else min(shard, max(math.ceil(rate * shard), math.ceil(n / cfg.world_size)))
+
+    k = sampled(cfg.sample_rate)
+    k_con = 0
+    if cfg.method in _CON_METHODS:
+        k_con = k if cfg.con_sample_rate is None else sampled(cfg.con_sample_rate)
     slots = 1 if cfg.optimizer == "sgd" else 2
     row = shard * d * f32
     kd, nk = k * d * f32, n * k * f32
@@ -192,7 +211,11 @@ def plan_memory(cfg: PlanConfig) -> MemoryPlan:
     if cfg.row_update == "dense" and cfg.sample_rate < 1.0:
         acts += kd  # the [K, D] row gradient before it is scattered into the dense one
     if cfg.method in _CON_METHODS:
-        acts += HEAD_CON_NK * nk + kd  # contrastive logits chain + gathered cluster centers
+        # Transients of one chunk (similarities / exponentials, the chunk's gathered and scaled
+        # centers) plus the running [N, D] numerator (later the gradient kept for backward) and
+        # the chunk matmul's [N, D] product added into it.
+        chunk = min(CON_CHUNK, k_con)
+        acts += HEAD_CON_CHUNK_NC * n * chunk * f32 + 2 * chunk * d * f32 + 2 * n * d * f32
     if cfg.row_update == "dense":
         acts += row  # torch SGD/AdamW weight-decay temporary over the whole shard
     items.append(("head activations (peak)", acts))
@@ -207,7 +230,7 @@ def plan_memory(cfg: PlanConfig) -> MemoryPlan:
         items.append(("runtime overhead", int(cfg.overhead_gib * GIB)))
     gathered = (cfg.world_size - 1) * cfg.batch
     plan = MemoryPlan(
-        items=items, shard_classes=shard, sampled_classes=k, global_batch=n,
+        items=items, shard_classes=shard, sampled_classes=k, con_sampled_classes=k_con, global_batch=n,
         allgather_bytes=gathered * (d * act + 8), reduce_scatter_bytes=gathered * d * f32,
         allreduce_bytes=_PER_SAMPLE_VECTORS * n * f32 + (2 * 4096 * 8 if cfg.method in _BANK_METHODS else 0),
         config=cfg,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ClassPartition", "SampledClasses", "sample_classes", "step_seed"]
+__all__ = ["ClassPartition", "SampledClasses", "sample_classes", "step_seed", "con_step_seed"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,15 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def con_step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the Con loss's own class sample (``con_sample_rate``) at (seed, step, rank).
+
+    The CE sample's seed :func:`step_seed` mixed once more with a stream tag: deterministic, and a
+    stream of its own, so the two samples are independent draws.
+    """
+    return step_seed(step_seed(seed, step, rank), 0xC0, 0xC0)
 
 
 def sample_classes(

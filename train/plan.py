@@ -28,7 +28,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"sample rate {cfg.sample_rate}, batch {cfg.batch}/rank, {cfg.dtype}, backbone "
         f"{cfg.backbone or 'none (fixed embeddings)'}, method {cfg.method}, {cfg.optimizer}, row update {cfg.row_update}",
         f"largest shard: {plan.shard_classes:,} classes; sampled per step: {plan.sampled_classes:,}; "
-        f"global batch: {plan.global_batch:,}",
+        f"global batch: {plan.global_batch:,}"
+        + (f"; Con candidates per step: {plan.con_sampled_classes:,}" if plan.con_sampled_classes else ""),
         "",
         f"{'per rank':<34}{'MiB':>12}{'GiB':>9}",
     ]
@@ -57,6 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp32", help="activation dtype")
     p.add_argument("--backbone", default="none", help=f"one of {sorted(BACKBONE_TABLE)} or 'none'")
     p.add_argument("--method", default="arcface")
+    p.add_argument("--con-sample-rate", type=float, default=None,
+                   help="head.con_sample_rate: the Con term's own sample rate (default: the CE's sample)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--row-update", choices=["lazy", "dense"], default="lazy")
     p.add_argument("--overhead-gib", type=float, default=0.0, help="framework / CUDA context per rank")
@@ -67,8 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             num_classes=args.classes, embedding_size=args.embedding_size, world_size=args.world_size,
             sample_rate=args.sample_rate, batch=args.batch, dtype=args.dtype,
             backbone=None if args.backbone in ("none", "") else args.backbone, method=args.method,
-            optimizer=args.optimizer, row_update=args.row_update, overhead_gib=args.overhead_gib,
-            gpu_memory_gib=args.gpu_memory_gib,
+            optimizer=args.optimizer, row_update=args.row_update, con_sample_rate=args.con_sample_rate,
+            overhead_gib=args.overhead_gib, gpu_memory_gib=args.gpu_memory_gib,
         )
     except ValueError as e:
         p.error(str(e))

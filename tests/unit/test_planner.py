@@ -25,8 +25,12 @@ def test_hand_arithmetic_webface42m():
     assert plan.get("head gradient") == k * 512 * 4
     assert plan.get("cluster bank + concentrations") == shard * (512 * 4 + 28)
     nk, kd = 1024 * k * 4, k * 512 * 4
-    chunk_tmp = 4 * 4096 * 512 * 4  # one backward chunk's [chunk, D] temporaries
-    assert plan.get("head activations (peak)") == nk + chunk_tmp + 3 * nk + kd  # fused buffer, con chain, centers
+    chunk_tmp = 4 * 4096 * 512 * 4  # one backward chunk of the CE: four [4096, D] temporaries
+    # The CE's fused [N, K] buffer; the fused Con term: three [N, 8192] and two [8192, D] chunk
+    # transients plus two [N, D] tensors, independent of K.
+    con = 3 * 1024 * 8192 * 4 + 2 * 8192 * 512 * 4 + 2 * 1024 * 512 * 4
+    assert plan.get("head activations (peak)") == nk + chunk_tmp + con
+    assert plan.con_sampled_classes == k
     assert plan.allgather_bytes == 7 * 128 * (512 * 4 + 8)  # embeddings fp32 + int64 labels from 7 peers
     assert plan.reduce_scatter_bytes == 7 * 128 * 512 * 4
     assert plan.fits is None
@@ -37,6 +41,25 @@ def test_fused_chunk_constant_matches_kernel():
     import partial_fc.planner
 
     assert partial_fc.planner.FUSED_CHUNK == partial_fc.fused._CHUNK
+
+
+def test_con_sample_rate_sizes_the_con_sample_not_its_memory():
+    base = dict(num_classes=2_059_906, world_size=8, sample_rate=0.3, method="s6")
+    small = plan_memory(PlanConfig(**base, con_sample_rate=0.05))
+    assert small.con_sampled_classes == math.ceil(0.05 * 257_489) and small.sampled_classes == 77_247
+    tiny = plan_memory(PlanConfig(**base, con_sample_rate=0.001))
+    assert tiny.con_sampled_classes == 258  # ceil(0.001 * 257,489); positives (~128 per shard) fewer
+    floor = plan_memory(PlanConfig(**base, con_sample_rate=1e-6))
+    assert floor.con_sampled_classes == 128  # at least the shard's expected positives (N / world)
+    default = plan_memory(PlanConfig(**base))
+    # Both exceed one chunk, so the Con term's transients are the same size.
+    assert small.get("head activations (peak)") == default.get("head activations (peak)")
+    chunk_small = plan_memory(PlanConfig(**base, con_sample_rate=0.01))  # K_con = 2,575 < 8,192
+    assert default.get("head activations (peak)") - chunk_small.get("head activations (peak)") == (
+        3 * 1024 * (8192 - 2575) * 4 + 2 * (8192 - 2575) * 512 * 4)
+    assert plan_memory(PlanConfig(**{**base, "method": "arcface"}, con_sample_rate=0.05)).con_sampled_classes == 0
+    with pytest.raises(ValueError, match="con_sample_rate"):
+        PlanConfig(**base, con_sample_rate=1.5)
 
 
 def test_dense_update_sgd_vs_adamw_and_backbone():
@@ -95,7 +118,9 @@ def test_plan_cli(capsys):
                     "--backbone", "r100", "--dtype", "bf16", "--gpu-memory-gib", "80"])
     out = capsys.readouterr().out
     assert rc == 0 and "fits in 80 GiB" in out and "head weights" in out and "257,489" in out
-    assert "all-gather received per rank per step" in out
+    assert "all-gather received per rank per step" in out and "Con candidates per step: 77,247" in out
+    plan_main(["--classes", "2059906", "--sample-rate", "0.3", "--method", "s6", "--con-sample-rate", "0.05"])
+    assert "Con candidates per step: 12,875" in capsys.readouterr().out
     rc = plan_main(["--classes", "2059906", "--world-size", "1", "--sample-rate", "0.3", "--gpu-memory-gib", "8"])
     assert rc == 1 and "does NOT fit in 8 GiB" in capsys.readouterr().out
     with pytest.raises(SystemExit):
