@@ -63,13 +63,17 @@ class _FusedMarginCE(torch.autograd.Function):
             chunks.append(z.div_(nrm.unsqueeze(0)))
             norms.append(nrm)
         norms = torch.cat(norms) if norms else f.new_zeros(0, dtype=torch.float32)
-        # Positions where the raw cosine left [-1, 1] get clamp's zero gradient. Row extrema avoid
-        # a full-size mask; only rows that actually overflow are searched.
+        # Positions where the raw cosine left [-1, 1] get clamp's zero gradient. A whole-chunk
+        # min/max (one vectorised pass) settles the usual case; only then are row extrema taken,
+        # and only rows that actually overflow are searched.
         oob = []
         for z in chunks:
-            rmin, rmax = torch.aminmax(z, dim=1)
-            bad = torch.nonzero((rmax > 1.0) | (rmin < -1.0)).squeeze(1)
-            if bad.numel():
+            lo, hi = torch.aminmax(z)
+            bad = None
+            if bool(hi > 1.0) or bool(lo < -1.0):
+                rmin, rmax = torch.aminmax(z, dim=1)
+                bad = torch.nonzero((rmax > 1.0) | (rmin < -1.0)).squeeze(1)
+            if bad is not None and bad.numel():
                 r, c = torch.nonzero((z.index_select(0, bad) > 1.0) | (z.index_select(0, bad) < -1.0)).unbind(1)
                 oob.append((bad[r], c))
             else:

@@ -176,6 +176,37 @@ def test_fused_gathers_indexed_rows_in_chunks(chunk, sparse, monkeypatch):
     assert not got_w[untouched].any()
 
 
+@pytest.mark.parametrize("chunk", [8192, 3])
+def test_fused_zero_gradient_where_cosine_leaves_unit_interval(chunk, monkeypatch):
+    # Features longer than 1 (the kernel does not require unit rows) push some raw cosines past
+    # +-1: clamp gives those positions a zero gradient, in the fused kernel as in the chain.
+    monkeypatch.setattr("partial_fc.fused._CHUNK", chunk)
+    g = torch.Generator().manual_seed(21)
+    n, k = 6, 10
+    w = (torch.randn(k, D, generator=g) * 0.02).requires_grad_()
+    base = torch.randn(n, D, generator=g)
+    base[:3] = w.detach()[[1, 4, 7]]
+    feats = (F.normalize(base, dim=1) * torch.tensor([3.0, -2.0, 1.5, 1.0, 1.0, 1.0]).unsqueeze(1)).requires_grad_()
+    target = torch.tensor([-1, -1, -1, 0, 5, 9])
+    rows = torch.nonzero(target >= 0).squeeze(1)
+    cols = target[rows]
+    params = MarginParams(*(torch.full((rows.numel(),), x) for x in (1.0, 0.5, 0.0)))
+    ctx = ParallelContext()
+    fused = fused_margin_cross_entropy(feats, w, rows, cols, params, "exact", 8.0, ctx)
+    fused.backward()
+    got = (feats.grad.clone(), w.grad.clone())
+    feats.grad, w.grad = None, None
+    raw = feats @ F.normalize(w, dim=1).t()
+    assert (raw.detach().abs() > 1).sum() >= 3
+    cos = raw.clamp(-1, 1)
+    logits = cos.index_put((rows, cols), apply_margin(cos[rows, cols], params, "exact")) * 8.0
+    want = distributed_cross_entropy(logits, target, ctx)
+    want.backward()
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0], feats.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], w.grad, rtol=1e-4, atol=1e-5 * float(w.grad.abs().max()))
+
+
 def test_fused_backward_runs_once_and_checks_shapes():
     feats = F.normalize(torch.randn(3, D), dim=1).requires_grad_()
     w = torch.randn(4, D, requires_grad=True)
