@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from collections import defaultdict
 
@@ -43,7 +44,8 @@ def table(paths: list[str]) -> str:
         ref_m, ours_m, s6_m = get("reference", "peak_mib"), get("ours_arcface", "peak_mib"), get("ours_s6", "peak_mib")
         ratio = lambda a, b: f"{a / b:.2f}" if a and b else ""  # noqa: E731
         num = lambda x, fmt: format(x, fmt) if x is not None else ""  # noqa: E731
-        notes = sorted({r.get("note", "").strip() for r in c.values() if r.get("note", "").strip()})
+        # "timed alone (together X GiB)" differs per run; the fact, not the figure, belongs here.
+        notes = sorted({re.sub(r" \(together [^)]*\)", "", r.get("note", "")).strip() for r in c.values()} - {""})
         cols = [f"{key[1]:,}", str(key[2]), str(key[3]), num(ref_t, ".2f"), num(ours_t, ".2f"), ratio(ours_t, ref_t),
                 ratio(s6_t, ours_t)]
         cols += [ratio(get(d, "cpu_s"), ours_t) for d in con]
