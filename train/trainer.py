@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -430,8 +430,12 @@ class Trainer:
         flag = all_reduce_no_grad(flag, self.ctx, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, on_step: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
         """Trains until ``derived.total_steps`` optimizer steps (or a stop signal).
+
+        Args:
+            on_step: Called as ``on_step(step, images)`` after every optimizer step, with the
+                step number and the images this rank consumed in it (benchmarks time steps with it).
 
         Returns:
             A summary dict (run directory, steps, skipped steps, final losses, evaluation,
@@ -452,7 +456,7 @@ class Trainer:
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "preempted": False,
                                    "resumed_from": str(self.resumed_from) if self.resumed_from else None}
         window_images, window_t0 = 0, time.perf_counter()
-        micro_in_step = 0
+        micro_in_step = step_images = 0
         last_out: Optional[dict] = None
         bad_in_step: Optional[str] = None
         self._pending_nonfinite = None
@@ -477,6 +481,7 @@ class Trainer:
                 self.state.micro_step += 1
                 self.state.position += images.shape[0]
                 window_images += images.shape[0]
+                step_images += images.shape[0]
                 if out is None:
                     bad_in_step = self._pending_nonfinite
                 else:
@@ -496,6 +501,9 @@ class Trainer:
                         why = f"gradient norm is {norm}"
                 bad_in_step = None
                 self.state.step += 1
+                if on_step is not None:
+                    on_step(self.state.step, step_images)
+                step_images = 0
                 if stepped:
                     self.state.consecutive_nonfinite = 0
                 else:
