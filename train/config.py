@@ -416,7 +416,7 @@ class BackboneConfig(_Section):
     """The ``[backbone]`` section: the data-parallel embedding network.
 
     Attributes:
-        name: Registry name in ``partial_fc.backbones`` (e.g. ``"iresnet50"``, ``"vit_b"``); it is
+        name: Registry name in ``partial_fc.backbones`` (e.g. ``"r50"``, ``"vit_b"``); it is
             stored as given and looked up when the model is built.
         num_features: Embedding size; must equal ``head.embedding_size``.
         dropout: Dropout before the embedding layer, in [0, 1).
@@ -426,7 +426,7 @@ class BackboneConfig(_Section):
 
     _SECTION = "backbone"
 
-    name: str = "iresnet50"
+    name: str = "r50"
     num_features: int = 512
     dropout: float = 0.0
     channels_last: bool = False
