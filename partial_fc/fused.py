@@ -74,7 +74,8 @@ class _FusedMarginCE(torch.autograd.Function):
                 rmin, rmax = torch.aminmax(z, dim=1)
                 bad = torch.nonzero((rmax > 1.0) | (rmin < -1.0)).squeeze(1)
             if bad is not None and bad.numel():
-                r, c = torch.nonzero((z.index_select(0, bad) > 1.0) | (z.index_select(0, bad) < -1.0)).unbind(1)
+                sub = z.index_select(0, bad)
+                r, c = torch.nonzero((sub > 1.0) | (sub < -1.0)).unbind(1)
                 oob.append((bad[r], c))
             else:
                 oob.append(None)
