@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import random
 import signal
 import threading
@@ -47,6 +48,10 @@ from .optim import build_optimizer, clip_grads_, global_grad_norm, lr_factor, pa
 log = logging.getLogger("train.trainer")
 
 __all__ = ["Trainer", "TrainState", "NonFiniteLossError", "EXIT_PREEMPTED"]
+
+# Slots of the step's control flags (summed over ranks with the gradient norm, read once).
+_BAD_LOSS, _BAD_LABEL, _BAD_EMB, _STOP = range(4)
+_NUM_FLAGS = 4
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -134,6 +139,9 @@ class Trainer:
         self.deepspeed = cfg.distributed.engine == "deepspeed"
         class_counts = getattr(self.loader, "class_counts", None)
         self.head = PartialFCHead(cfg.head, class_counts=class_counts, device=self.device)
+        # The head's per-step input checks report through device flags that _optimizer_step reads
+        # with the gradient norm (one host read per step; docs/training.md, "Host syncs").
+        self.head.defer_input_checks = True
         self.head_opt = self._build_head_optimizer()
         fp16 = cfg.precision.dtype == "fp16"
         static = not isinstance(cfg.precision.loss_scale, str)
@@ -153,6 +161,9 @@ class Trainer:
         self.pair_sets = self._load_pair_sets()
         self._stop_requested = False
         self._stop_signal: Optional[str] = None
+        self._step_flags: Optional[torch.Tensor] = None
+        self._bad_loss: Optional[torch.Tensor] = None
+        self._stop_seen: Optional[bool] = None
         if handle_signals:
             self._install_signal_handlers()
 
@@ -337,20 +348,45 @@ class Trainer:
         for g, lr in zip(opt.param_groups, saved):
             g["lr"] = lr
 
-    def _optimizer_step(self) -> tuple[bool, float]:
-        """Unscale, global norm, clip, then step both optimizers or neither. Returns (stepped, norm)."""
+    def _optimizer_step(self) -> tuple[bool, float, str]:
+        """Unscale, global norm, clip, then step both optimizers or neither.
+
+        The step's control values (the norm, a non-finite loss, bad input, a stop request) travel
+        in the norm's all-reduce and reach the host in one read: the only device sync of an
+        ordinary step (docs/training.md, "Host syncs").
+
+        Returns:
+            ``(stepped, norm, why)``; ``why`` says what was non-finite when not stepped.
+        """
         o = self.cfg.optimizer
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.engine.optimizer)
             self.scaler.unscale_(self.head_opt)
+        flags = torch.zeros(_NUM_FLAGS, device=self.device)
+        if self._step_flags is not None:
+            flags[:3] = self._step_flags.float()
+        flags[_STOP] = 1.0 if self._stop_requested else 0.0
         if self.engine.replicated_grads:
-            norm = global_grad_norm(self.engine.module.parameters(), [self.head.weight], self.ctx, self.device)
+            norm, flags = global_grad_norm(self.engine.module.parameters(), [self.head.weight], self.ctx,
+                                           self.device, flags=flags)
         else:  # ZeRO-partitioned gradients: DeepSpeed clips the backbone, the head by its own norm
-            norm = global_grad_norm([], [self.head.weight], self.ctx, self.device)
+            norm, flags = global_grad_norm([], [self.head.weight], self.ctx, self.device, flags=flags)
         if self.head.log_tau is not None and self.head.log_tau.grad is not None:
             # log_tau is replicated and its gradient identical on every rank: counted once.
             norm = torch.sqrt(norm**2 + self.head.log_tau.grad.detach().float().pow(2).sum())
-        finite = bool(torch.isfinite(norm))
+        verdict = torch.cat([norm.reshape(1).float(), flags]).tolist()  # THE host read of the step
+        norm_f, flags_f = verdict[0], verdict[1:]
+        self._stop_seen = flags_f[_STOP] > 0
+        why = f"gradient norm is {norm_f}"
+        if flags_f[_BAD_LABEL] > 0:
+            raise self.head.input_error() or ValueError(
+                f"a label outside [0, {self.cfg.head.num_classes}) in step {self.state.step + 1}: check the "
+                "dataset's class count against head.num_classes")
+        if flags_f[_BAD_EMB] > 0:
+            why = str(self.head.input_error() or "non-finite embeddings")
+        elif flags_f[_BAD_LOSS] > 0:
+            why = f"loss is {float(self._bad_loss)}" if self._bad_loss is not None else "loss is not finite"
+        finite = math.isfinite(norm_f) and flags_f[_BAD_EMB] == 0 and flags_f[_BAD_LOSS] == 0
         if finite and o.grad_clip > 0:
             params = [p for p in self.head.parameters() if p.grad is not None]
             if not self.engine.clips_own_grads:
@@ -369,7 +405,7 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.update()
         self._zero_grads()
-        return finite, float(norm)
+        return finite, norm_f, why
 
     def _note_nonfinite(self, why: str) -> None:
         self.state.skipped_steps += 1
@@ -403,9 +439,16 @@ class Trainer:
                         out, why = None, str(e)
                 if out is not None:
                     loss = out["loss"]
-                    # The head's loss is the same on every rank, so they all take the same branch.
-                    if not bool(torch.isfinite(loss.detach())):
-                        out, why = None, f"loss is {float(loss.detach())}"
+                    # No host read here: a non-finite loss (the same on every rank) or bad input is
+                    # a device flag that _optimizer_step reads with the norm, and the step is then
+                    # skipped on every rank (its NaN gradients are dropped).
+                    bad = torch.stack([~torch.isfinite(loss.detach()),
+                                       *(self.head.input_flags if self.head.input_flags is not None
+                                         else torch.zeros(2, dtype=torch.bool, device=loss.device))])
+                    first = self._step_flags is None
+                    self._step_flags = bad if first else self._step_flags | bad
+                    # A non-finite loss of this step, for the message (read only when skipping).
+                    self._bad_loss = loss.detach() if first else torch.where(bad[0], loss.detach(), self._bad_loss)
             with timer.phase("backward"):
                 if out is None:
                     if self.deepspeed:  # keep DeepSpeed's micro-step count (see _deepspeed_null_step)
@@ -425,7 +468,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ the loop
     def _stop_agreed(self) -> bool:
-        """Whether any rank received a stop signal (collective, one scalar)."""
+        """Whether any rank received a stop signal, as of this step's optimizer step.
+
+        The request rides on the gradient norm's all-reduce (``_optimizer_step``); a step dropped
+        before it (a non-finite micro-step under accumulation) asks with its own collective.
+        """
+        if self._stop_seen is not None:
+            seen, self._stop_seen = self._stop_seen, None
+            return seen
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
         flag = all_reduce_no_grad(flag, self.ctx, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
@@ -460,6 +510,9 @@ class Trainer:
         last_out: Optional[dict] = None
         bad_in_step: Optional[str] = None
         self._pending_nonfinite = None
+        self._step_flags: Optional[torch.Tensor] = None  # [non-finite loss, bad label, bad embedding]
+        self._bad_loss: Optional[torch.Tensor] = None
+        self._stop_seen: Optional[bool] = None
         self._set_lr()  # the schedule's value at the (possibly resumed) first step
         t_start = time.perf_counter()
         while self.state.step < d.total_steps:
@@ -475,6 +528,12 @@ class Trainer:
                 if batch is None:
                     epoch_done = True
                     break
+                if images.shape[0] != cfg.data.batch_size:
+                    # The head's all-gathers need equal batches on every rank; the loaders pad or
+                    # drop the tail, so this is a host-side shape check (the head's own collective
+                    # check is off, see PartialFCHead.defer_input_checks).
+                    raise ValueError(f"the loader delivered a batch of {images.shape[0]} images, "
+                                     f"data.batch_size is {cfg.data.batch_size}")
                 micro_in_step += 1
                 last = micro_in_step == accum
                 out = self._micro_step(images, labels, last, timer)
@@ -497,9 +556,9 @@ class Trainer:
                         stepped, norm = False, float("nan")
                         why = bad_in_step
                     else:
-                        stepped, norm = self._optimizer_step()
-                        why = f"gradient norm is {norm}"
+                        stepped, norm, why = self._optimizer_step()
                 bad_in_step = None
+                self._step_flags = self._bad_loss = None
                 self.state.step += 1
                 if on_step is not None:
                     on_step(self.state.step, step_images)
@@ -513,7 +572,7 @@ class Trainer:
                     self._report(last_out, lrs, norm, timer, window_images, window_t0)
                     window_images, window_t0 = 0, time.perf_counter()
                 else:
-                    timer.collect()
+                    timer.reset()  # drops this step's phase times without reading the device
                 if cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0 \
                         and self.state.step < d.total_steps:
                     self.save()
