@@ -13,9 +13,18 @@ in docs/training.md too.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
-__all__ = ["HostSync", "STEP_HOST_SYNCS"]
+__all__ = ["HostSync", "STEP_HOST_SYNCS", "READ_METHODS", "HostReadCounter", "count_host_reads", "check_counts"]
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The ``torch.Tensor`` methods through which Python reads a device value.
+READ_METHODS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "cpu")
 
 
 @dataclass(frozen=True)
@@ -60,3 +69,67 @@ STEP_HOST_SYNCS: tuple[HostSync, ...] = (
              "the global phi range (torch.histc takes its bounds as host numbers) and then the "
              "percentile bounds, means and count, read together"),
 )
+
+
+class HostReadCounter:
+    """Counts of Python-level tensor reads by ``(file relative to the repository, function)``.
+
+    ``active`` switches counting on and off (e.g. only during non-logging steps). A read made inside
+    torch or another library is attributed to the innermost calling frame in this repository.
+    """
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter = collections.Counter()
+        self.active = False
+
+    def record(self) -> None:
+        root = str(ROOT)
+        for fr in reversed(traceback.extract_stack()[:-2]):
+            path = str(Path(fr.filename).resolve())
+            if path.startswith(root + "/") and not path.endswith("train/host_syncs.py"):
+                self.counts[(str(Path(path).relative_to(ROOT)), fr.name)] += 1
+                return
+        self.counts[("<outside the repository>", "?")] += 1
+
+
+@contextlib.contextmanager
+def count_host_reads() -> Iterator[HostReadCounter]:
+    """Wraps :data:`READ_METHODS` of ``torch.Tensor`` while the block runs (restored after).
+
+    Works on any device (on CPU no read waits, but the same Python calls are made), so a test can
+    count the reads a GPU step would wait on.
+    """
+    import torch
+
+    counter = HostReadCounter()
+    originals = {n: getattr(torch.Tensor, n) for n in READ_METHODS}
+
+    def wrap(fn):
+        def read(self, *args, **kwargs):
+            if counter.active:
+                counter.record()
+            return fn(self, *args, **kwargs)
+
+        return read
+
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, wrap(fn))
+    try:
+        yield counter
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def check_counts(counts: "collections.Counter", steps: int) -> list[str]:
+    """Problems with ``counts`` taken over ``steps`` ordinary steps; empty when all is documented."""
+    allowed = {(s.file, s.function): s.per_step * steps for s in STEP_HOST_SYNCS}
+    problems = []
+    for key, n in sorted(counts.items()):
+        if key not in allowed:
+            problems.append(f"{key[0]}:{key[1]} reads the device {n} time(s) in {steps} step(s) and is not "
+                            "listed in train/host_syncs.py")
+        elif n > allowed[key]:
+            problems.append(f"{key[0]}:{key[1]} reads the device {n} time(s) in {steps} step(s), "
+                            f"{allowed[key]} documented")
+    return problems

@@ -9,18 +9,16 @@ documented (or more of them than documented) fails here, on CPU.
 from __future__ import annotations
 
 import collections
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
 from train.config import load_config
-from train.host_syncs import STEP_HOST_SYNCS
+from train.host_syncs import STEP_HOST_SYNCS, check_counts, count_host_reads
 from train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
-READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "cpu")
 
 
 def _cfg(tmp_path, *extra):
@@ -36,48 +34,17 @@ def _cfg(tmp_path, *extra):
 
 def count_step_reads(trainer: Trainer, steps=(2, 3)) -> collections.Counter:
     """Reads made from the end of optimizer step ``steps[0] - 1`` to the end of ``steps[-1]``."""
-    counts: collections.Counter = collections.Counter()
-    active = [False]
-    originals = {n: getattr(torch.Tensor, n) for n in READS}
+    with count_host_reads() as counter:
+        def on_step(step, _images):
+            counter.active = steps[0] - 1 <= step < steps[-1]
 
-    def wrap(name):
-        fn = originals[name]
-
-        def read(self, *args, **kwargs):
-            if active[0]:
-                frame = traceback.extract_stack(limit=2)[0]
-                try:
-                    rel = str(Path(frame.filename).resolve().relative_to(ROOT))
-                except ValueError:  # torch's own code: attribute it to the caller in this repository
-                    rel = frame.filename
-                    for fr in reversed(traceback.extract_stack()[:-1]):
-                        if str(Path(fr.filename).resolve()).startswith(str(ROOT)):
-                            rel, frame = str(Path(fr.filename).resolve().relative_to(ROOT)), fr
-                            break
-                counts[(rel, frame.name)] += 1
-            return fn(self, *args, **kwargs)
-
-        return read
-
-    def on_step(step, _images):
-        active[0] = steps[0] - 1 <= step < steps[-1]
-
-    for n in READS:
-        setattr(torch.Tensor, n, wrap(n))
-    try:
         trainer.fit(on_step=on_step)
-    finally:
-        for n, fn in originals.items():
-            setattr(torch.Tensor, n, fn)
-    return counts
+    return counter.counts
 
 
 def _check(counts: collections.Counter, steps: int) -> None:
-    allowed = {(s.file, s.function): s.per_step * steps for s in STEP_HOST_SYNCS}
-    undocumented = {k: v for k, v in counts.items() if k not in allowed}
-    assert not undocumented, f"host reads not listed in train/host_syncs.py: {undocumented}"
-    over = {k: (v, allowed[k]) for k, v in counts.items() if v > allowed[k]}
-    assert not over, f"more host reads than documented (counted, allowed): {over}"
+    problems = check_counts(counts, steps)
+    assert not problems, "\n".join(problems)
     assert counts[("train/trainer.py", "_optimizer_step")] == steps  # exactly one verdict per step
 
 
