@@ -88,6 +88,19 @@ class TrainState:
         return dataclasses.asdict(self)
 
 
+class _WeightsThenOptimizer:
+    """The backbone optimizer as :func:`load_checkpoint` sees it: it loads the optimizer state
+    after the weights, so first tell the engine the weights changed (ZeRO refreshes its fp32
+    master copy from them)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.weights_loaded()
+        self.engine.checkpoint_optimizer.load_state_dict(state)
+
+
 class Trainer:
     """Builds everything from a :class:`train.config.TrainConfig` and runs it.
 
@@ -156,7 +169,18 @@ class Trainer:
         self.state = TrainState()
         self.ckpt_root = cfg.checkpoint_dir
         self.resumed_from: Optional[Path] = None
+        self.initialized_from: Optional[Path] = None
         self._maybe_resume()
+        if self.resumed_from is None and cfg.model.init_from:
+            self._init_from(cfg.model.init_from)
+        self.best = _read_best(self.ckpt_root) if cfg.checkpoint.keep_best else None
+        self._writer = None
+        if cfg.checkpoint.async_save:
+            from .checkpoint_writer import AsyncCheckpointWriter
+
+            self._writer = AsyncCheckpointWriter(self.ckpt_root, self.head.ctx, cfg.distributed.timeout_s)
+        self._last_saved_step: Optional[int] = None
+        self._last_saved_path: Optional[Path] = None
         self.metrics = self._build_metrics()
         self.pair_sets = self._load_pair_sets()
         self._stop_requested = False
@@ -259,12 +283,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ checkpoints
     @property
-    def _backbone_optimizer_for_checkpoint(self) -> Optional[torch.optim.Optimizer]:
-        # ZeRO-1/2 partitions the backbone optimizer state across ranks; the checkpoint format
-        # holds replicated backbone state only, so that state is not saved (docs/checkpoints.md).
-        if self.deepspeed and self.cfg.distributed.zero_stage > 0:
-            return None
-        return self.engine.optimizer
+    def _backbone_optimizer_for_checkpoint(self):
+        # A plain torch optimizer, or under ZeRO-1/2 a view that gathers the partitioned state by
+        # parameter name on save (collective) and scatters it on load (train/engines.py).
+        return self.engine.checkpoint_optimizer
 
     def _maybe_resume(self) -> None:
         from .checkpoint import find_latest, load_checkpoint
@@ -276,7 +298,7 @@ class Trainer:
         if path is None:
             return
         extra = load_checkpoint(path, self.head, self.head_opt, backbone=self.engine.module,
-                                backbone_optimizer=self._backbone_optimizer_for_checkpoint,
+                                backbone_optimizer=_WeightsThenOptimizer(self.engine),
                                 scaler=self.scaler if self.scaler.is_enabled() else None)
         st = TrainState(**extra["train_state"])
         saved_world, saved_batch = int(extra.get("world_size", self.world)), int(extra.get("batch_size", 0))
@@ -296,8 +318,83 @@ class Trainer:
             log.info("resumed from %s at step %d (epoch %d, position %d per rank)", path, st.step, st.epoch,
                      st.position)
 
-    def save(self) -> Path:
-        """Writes a checkpoint of the current step (collective: every rank calls it)."""
+    def _init_from(self, source: str) -> None:
+        """Loads pretrained backbone weights (``model.init_from``); the head and optimizers stay fresh."""
+        from .checkpoint import CheckpointError, load_backbone_and_extra
+
+        path = Path(source)
+        if path.is_file():
+            try:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a clear message for any unreadable file
+                raise CheckpointError(f"model.init_from = {source!r} is not a backbone file torch.load(weights_only=True) "
+                                      f"can read ({type(e).__name__}: {e})") from e
+            if not isinstance(payload, dict) or "state_dict" not in payload:
+                raise CheckpointError(f"model.init_from = {source!r} is not an exported backbone (pfc export's "
+                                      "backbone.pt with 'state_dict' and 'metadata'), nor a checkpoint directory")
+            state, meta = payload["state_dict"], dict(payload.get("metadata") or {})
+        elif path.is_dir():
+            root = path / self.cfg.checkpoint.dir if (path / self.cfg.checkpoint.dir).is_dir() else path
+            state, meta = load_backbone_and_extra(root)  # a checkpoint, a checkpoint root or a run directory
+        else:
+            raise CheckpointError(f"model.init_from = {source!r} does not exist")
+        b = self.cfg.backbone
+        name, dim = meta.get("backbone"), meta.get("embedding_size")
+        if (name is not None and str(name) != b.name) or (dim is not None and int(dim) != b.num_features):
+            raise CheckpointError(f"model.init_from = {source!r} holds a {name} backbone with embedding size {dim}; "
+                                  f"this run builds {b.name} with backbone.num_features = {b.num_features}")
+        from .checkpoint import _strip_module_prefix, _unwrap
+
+        try:
+            _unwrap(self.engine.module).load_state_dict(_strip_module_prefix(state))
+        except RuntimeError as e:
+            raise CheckpointError(f"model.init_from = {source!r} does not fit backbone {b.name}: {e}") from e
+        self.engine.weights_loaded()
+        self.initialized_from = path
+        if self.rank == 0:
+            log.info("backbone initialised from %s (weights only: fresh head, optimizers and schedule)", path)
+
+    def _update_best(self, results: dict[str, dict]) -> None:
+        """``checkpoint.keep_best``: after an evaluation, keeps this step's checkpoint as ``best``
+        when the figure improved. Collective (rank 0 evaluates, every rank learns the figure)."""
+        key = self.cfg.checkpoint.keep_best
+        value = float("nan")
+        if self.rank == 0:
+            value = _lookup_eval(results, key)
+        if self.world > 1:
+            t = torch.tensor([value], dtype=torch.float64, device=self.device)
+            dist.broadcast(t, src=0)
+            value = float(t.item())  # an evaluation step: not an ordinary step
+        if not math.isfinite(value):
+            return
+        better = (self.best is None or (value > self.best["value"] if self.cfg.checkpoint.keep_best_mode == "max"
+                                        else value < self.best["value"]))
+        if not better:
+            return
+        if self._last_saved_step == self.state.step:
+            self.wait_for_checkpoint()
+            path = self._last_saved_path
+        else:
+            path = self.save(wait=True)
+        self.best = {"metric": key, "value": value, "step": self.state.step, "source": path.name}
+        if self.rank == 0:
+            from .checkpoint_writer import keep_as_best
+
+            keep_as_best(path, self.ckpt_root, self.best)
+            log.info("best %s = %.6g at step %d: kept as %s", key, value, self.state.step, self.ckpt_root / "best")
+        self._barrier()
+
+    def wait_for_checkpoint(self) -> None:
+        """Completes an asynchronous save in progress (collective; a no-op when there is none)."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def save(self, wait: bool = False) -> Path:
+        """Writes a checkpoint of the current step (collective: every rank calls it).
+
+        With ``checkpoint.async_save`` the call returns once the state is staged (copied to host
+        memory) and a thread writes it; ``wait=True`` (or :meth:`wait_for_checkpoint`) completes it.
+        """
         from .checkpoint import save_checkpoint
 
         extra = {
@@ -308,14 +405,24 @@ class Trainer:
             "backbone": self.cfg.backbone.name,
             "embedding_size": self.cfg.backbone.num_features,
         }
-        path = save_checkpoint(
-            self.ckpt_root, self.state.step, self.head, self.head_opt, backbone=self.engine.module,
-            backbone_optimizer=self._backbone_optimizer_for_checkpoint,
-            scaler=self.scaler if self.scaler.is_enabled() else None, extra_state=extra,
-            keep_last=self.cfg.checkpoint.keep_last or None,
-        )
-        if self.rank == 0:
-            log.info("checkpoint step %d -> %s", self.state.step, path)
+        bopt = self._backbone_optimizer_for_checkpoint
+        if bopt.collective:  # ZeRO: every rank takes part in gathering the state
+            bopt = bopt.state_dict()
+        kwargs = dict(backbone=self.engine.module, backbone_optimizer=bopt,
+                      scaler=self.scaler if self.scaler.is_enabled() else None, extra_state=extra,
+                      keep_last=self.cfg.checkpoint.keep_last or None)
+        if self._writer is not None:
+            path = self._writer.save(self.state.step, self.head, self.head_opt, **kwargs)
+            if self.rank == 0:
+                log.info("checkpoint step %d -> %s (staged in %.3f s, writing in the background)", self.state.step,
+                         path, self._writer.last_stall_s)
+            if wait:
+                self._writer.wait()
+        else:
+            path = save_checkpoint(self.ckpt_root, self.state.step, self.head, self.head_opt, **kwargs)
+            if self.rank == 0:
+                log.info("checkpoint step %d -> %s", self.state.step, path)
+        self._last_saved_step, self._last_saved_path = self.state.step, path
         return path
 
     # ------------------------------------------------------------------------------ one step
@@ -588,6 +695,7 @@ class Trainer:
                 self.state.epoch += 1
                 self.state.position = 0
         self.save()
+        self.wait_for_checkpoint()  # complete before evaluating, exporting or exiting (75 after a signal)
         summary["train_seconds"] = round(time.perf_counter() - t_start, 2)
         if summary["preempted"]:
             if self.rank == 0:
@@ -602,6 +710,10 @@ class Trainer:
         if last_out is not None:
             summary["final_loss"] = {k: float(v.detach()) for k, v in last_out.items()}
         summary["metrics_url"] = self.metrics.url
+        if self.initialized_from is not None:
+            summary["initialized_from"] = str(self.initialized_from)
+        if self.best is not None:
+            summary["best"] = {**self.best, "path": str(self.ckpt_root / "best")}
         return summary
 
     def _report(self, out, lrs, norm, timer, window_images: int, window_t0: float) -> None:
@@ -647,6 +759,8 @@ class Trainer:
             finally:
                 module.train(was_training)
         self._barrier()
+        if self.cfg.checkpoint.keep_best:
+            self._update_best(results)
         return results
 
     def export(self) -> dict[str, Any]:
@@ -671,10 +785,57 @@ class Trainer:
         return out
 
     def close(self) -> None:
-        """Stops the metrics endpoint and leaves the process group."""
+        """Completes a checkpoint still being written, stops the metrics endpoint and leaves the
+        process group."""
+        if self._writer is not None:
+            # Local only: on an error path another rank may be gone; rank 0 still commits when
+            # every rank's files arrived, else the previous checkpoint stays the newest.
+            self._writer.wait(collective=False)
         self.metrics.close()
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _read_best(ckpt_root: Path) -> Optional[dict]:
+    from .checkpoint_writer import read_best
+
+    return read_best(ckpt_root)
+
+
+def _lookup_eval(results: dict, key: str) -> float:
+    """The figure ``"<pair set>/<figure>[/<sub>]"`` of an evaluation (``nan`` when not evaluated).
+
+    Raises:
+        ValueError: The key names nothing in the results (the message lists what there is).
+    """
+    node: Any = results
+    for part in key.split("/"):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            continue
+        if isinstance(node, dict):  # numeric keys such as FAR targets: 1e-4 == 0.0001
+            try:
+                match = [k for k in node if float(k) == float(part)]
+            except ValueError:
+                match = []
+            if match:
+                node = node[match[0]]
+                continue
+        if not results:
+            return float("nan")
+
+        def keys(d, prefix=""):
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    yield from keys(v, f"{prefix}{k}/")
+                elif isinstance(v, (int, float)):
+                    yield f"{prefix}{k}"
+
+        raise ValueError(f"checkpoint.keep_best = {key!r} is not an evaluation figure; there are: "
+                         + ", ".join(keys(results)))
+    if not isinstance(node, (int, float)):
+        raise ValueError(f"checkpoint.keep_best = {key!r} names a group, not a number")
+    return float(node)
 
 
 def run_training(cfg, *, export: bool = True) -> dict[str, Any]:
