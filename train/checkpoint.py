@@ -881,10 +881,13 @@ def load_checkpoint(
         for obj, key in ((backbone, "model"), (backbone_optimizer, "optimizer"),
                          (lr_scheduler, "lr_scheduler"), (scaler, "scaler")):
             if obj is not None and bb[key] is None:
+                if getattr(obj, "missing_ok", False):  # e.g. a ZeRO run saved before its state was kept
+                    warnings.warn(f"{path} holds no {key} state; it starts fresh", stacklevel=2)
+                    continue
                 raise CheckpointError(f"{path} has no {key} state to load (it was saved without one)")
         if backbone is not None:
             _unwrap(backbone).load_state_dict(_strip_module_prefix(bb["model"]))
-        if backbone_optimizer is not None:
+        if backbone_optimizer is not None and bb["optimizer"] is not None:
             backbone_optimizer.load_state_dict(bb["optimizer"])
         if lr_scheduler is not None:
             lr_scheduler.load_state_dict(bb["lr_scheduler"])

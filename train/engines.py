@@ -265,6 +265,8 @@ class ZeroOptimizerCheckpoint:
     """
 
     collective = True
+    #: Checkpoints of ZeRO runs written before this state was kept have none: warn, start fresh.
+    missing_ok = True
 
     def __init__(self, zero_optimizer, module: nn.Module) -> None:
         self.zero, self.module = zero_optimizer, module

@@ -88,19 +88,6 @@ class TrainState:
         return dataclasses.asdict(self)
 
 
-class _WeightsThenOptimizer:
-    """The backbone optimizer as :func:`load_checkpoint` sees it: it loads the optimizer state
-    after the weights, so first tell the engine the weights changed (ZeRO refreshes its fp32
-    master copy from them)."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-
-    def load_state_dict(self, state: dict) -> None:
-        self.engine.weights_loaded()
-        self.engine.checkpoint_optimizer.load_state_dict(state)
-
-
 class Trainer:
     """Builds everything from a :class:`train.config.TrainConfig` and runs it.
 
@@ -298,8 +285,9 @@ class Trainer:
         if path is None:
             return
         extra = load_checkpoint(path, self.head, self.head_opt, backbone=self.engine.module,
-                                backbone_optimizer=_WeightsThenOptimizer(self.engine),
+                                backbone_optimizer=self._backbone_optimizer_for_checkpoint,
                                 scaler=self.scaler if self.scaler.is_enabled() else None)
+        self.engine.weights_loaded()  # ZeRO: its fp32 master copy follows the loaded weights
         st = TrainState(**extra["train_state"])
         saved_world, saved_batch = int(extra.get("world_size", self.world)), int(extra.get("batch_size", 0))
         if (saved_world, saved_batch) != (self.world, self.cfg.data.batch_size):
