@@ -544,6 +544,11 @@ class Trainer:
                     self._step_flags = bad if first else self._step_flags | bad
                     # A non-finite loss of this step, for the message (read only when skipping).
                     self._bad_loss = loss.detach() if first else torch.where(bad[0], loss.detach(), self._bad_loss)
+                    if self.deepspeed and not bool(torch.isfinite(loss.detach())):
+                        # DeepSpeed reduces and partitions gradients inside its backward, where a
+                        # NaN could not be dropped again: its loss is read here (one read per
+                        # micro-step under DeepSpeed, docs/training.md) and the backward skipped.
+                        out, why = None, f"loss is {float(loss.detach())}"
             with timer.phase("backward"):
                 if out is None:
                     if self.deepspeed:  # keep DeepSpeed's micro-step count (see _deepspeed_null_step)
