@@ -224,7 +224,7 @@ def ensure_dataset(spec: StudySpec, data_dir: Path) -> dict[str, Any]:
     from dali_pipelines.synth import generate_synthetic_dataset
 
     sc = spec.synth_config()
-    want = json.loads(json.dumps(dataclasses.asdict(sc)))
+    want = sc.record()
     meta = data_dir / "identities.json"
     needed = ("train.rec", "train.idx", "verification.bin", "cluster.rec", "cluster.idx")
     if meta.is_file() and all((data_dir / n).is_file() for n in needed):

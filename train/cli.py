@@ -97,14 +97,12 @@ def ensure_synthetic_dataset(cfg, *, force: bool = False, progress: bool = True)
     Returns:
         ``{"out_dir", "reused", "seconds", ...}``.
     """
-    import dataclasses
-
     from dali_pipelines.synth import generate_synthetic_dataset
 
     sc = synth_config(cfg)
     out = Path(cfg.data.synth.out_dir)
     meta = out / "identities.json"
-    want = json.loads(json.dumps(dataclasses.asdict(sc)))
+    want = sc.record()
     if not force and meta.is_file() and (out / "train.idx").is_file():
         try:
             have = json.loads(meta.read_text()).get("config")
