@@ -370,6 +370,8 @@ class DataConfig(_Section):
         flip: Random horizontal flip augmentation.
         shuffle: Reshuffle the training set every epoch.
         strict_decode: Fail on a record that does not decode; ``false`` skips and counts it.
+        image_size: Side of the square training images (records of another size are
+            center-cropped or padded); backbones get it as ``input_size`` when it is not 112.
         synth: Options of the generated demo dataset (see :class:`SynthConfig`).
     """
 
@@ -386,10 +388,12 @@ class DataConfig(_Section):
     flip: bool = True
     shuffle: bool = True
     strict_decode: bool = True
+    image_size: int = 112
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def _validate(self) -> None:
         self._enum("kind", DATA_KINDS)
+        self._min("image_size", 16)
         if self.kind == "synthetic" and self.train_rec:
             self._fail("train_rec", f"= {self.train_rec!r} is ignored by data.kind = \"synthetic\"; set "
                                     "data.kind = \"dali\" or \"torch\" to read it, or remove train_rec")

@@ -177,7 +177,7 @@ class Trainer:
         memory_format = torch.channels_last if cfg.backbone.channels_last else torch.contiguous_format
         common = dict(batch_size=d.batch_size, rank=self.rank, world_size=self.world, seed=cfg.run.seed,
                       shuffle=d.shuffle, flip=d.flip, tail="drop" if d.drop_last else "pad",
-                      memory_format=memory_format, strict=d.strict_decode)
+                      memory_format=memory_format, strict=d.strict_decode, image_size=d.image_size)
         if d.kind == "synthetic":
             num_classes = cfg.head.num_classes or d.synth.identities
             return build_train_loader("synthetic", None, device=self.device, num_classes=num_classes,
@@ -201,7 +201,9 @@ class Trainer:
         from partial_fc.backbones import build_backbone
 
         b = self.cfg.backbone
-        model = build_backbone(b.name, num_features=b.num_features, dropout=b.dropout).to(self.device)
+        # input_size only when not the default 112, so backbones without the option still build.
+        size = {"input_size": self.cfg.data.image_size} if self.cfg.data.image_size != 112 else {}
+        model = build_backbone(b.name, num_features=b.num_features, dropout=b.dropout, **size).to(self.device)
         if b.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if b.compile:
@@ -232,7 +234,7 @@ class Trainer:
             return []
         from .evaluate.runner import load_pair_set
 
-        return [load_pair_set(p) for p in self.cfg.evaluation.bin_files]
+        return [load_pair_set(p, image_size=self.cfg.data.image_size) for p in self.cfg.evaluation.bin_files]
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -604,9 +606,11 @@ class Trainer:
             if x.onnx:
                 path = export_onnx(self.engine.module, export_dir / x.output_name,
                                    embedding_size=self.cfg.backbone.num_features,
-                                   backbone_name=self.cfg.backbone.name, opset=x.opset)
+                                   backbone_name=self.cfg.backbone.name, opset=x.opset,
+                                   image_size=self.cfg.data.image_size)
                 out["onnx"] = str(path)
-                out["onnx_max_abs_diff"] = check_onnx(self.engine.module, path, batch=5)
+                out["onnx_max_abs_diff"] = check_onnx(self.engine.module, path, batch=5,
+                                                      image_size=self.cfg.data.image_size)
                 log.info("ONNX %s: max |onnxruntime - torch| = %.2e at batch 5", path, out["onnx_max_abs_diff"])
         self._barrier()
         return out
