@@ -243,3 +243,19 @@ def test_look_alikes_are_closer_in_pixels() -> None:
     fam = np.mean([np.abs(mean_face(s, 10, 10) - mean_face(s, 11, 10)).mean() for s in (3, 4, 5)])
     far = np.mean([np.abs(mean_face(s, 50, -1) - mean_face(s, 51, -1)).mean() for s in (3, 4, 5)])
     assert fam < 0.5 * far
+
+
+def test_cli_study_options(tmp_path: Path) -> None:
+    from dali_pipelines.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["synth", "--out", str(out), "--identities", "6", "--ver-identities", "2", "--ver-images", "2",
+               "--ver-pairs", "4", "--cluster-identities", "3", "--cluster-images", "2", "--size", "32",
+               "--family-size", "3", "--family-fraction", "1", "--sizes", "powerlaw", "--images-min", "2",
+               "--images-max", "5", "--probe-images", "1", "--workers", "1", "--no-progress"])
+    assert rc == 0
+    meta = json.loads((out / "identities.json").read_text())
+    assert meta["config"]["family_size"] == 3 and meta["train"]["family"] == [0, 0, 0, 3, 3, 3]
+    assert len(FaceRecordDataset(out / "probe.rec")) == 6
+    assert main(["synth", "--out", str(out), "--sizes", "powerlaw", "--images-min", "9", "--images-max", "3",
+                 "--no-progress"]) == 2  # a clear error, not a traceback
