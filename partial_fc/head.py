@@ -11,7 +11,8 @@ gradient contracts):
    a sample of its own with ``con_sample_rate``), or center / triplet loss, and the
    cluster-aligning loss between W and C for the batch's classes;
 5. in training mode, update this rank's shard of the Cluster-Center Bank from the gathered batch,
-   *after* the losses used the previous centers.
+   *after* the losses used the previous centers (with ``phi_refresh = "offline"`` the bank is
+   left to :func:`partial_fc.cluster.offline_refresh` instead).
 """
 
 from __future__ import annotations
@@ -286,7 +287,10 @@ class PartialFCHead(nn.Module):
         stats = None
         phi_margin = phi_temp = None
         if self.bank is not None:
-            if cfg.phi_refresh == "offline" and self.training and not bool(self.bank.counts.any()):
+            # Offline phi: the bank must have been filled by a refresh pass. Checked over all ranks
+            # (one tiny all-reduce, offline mode only) so every rank raises together.
+            if cfg.phi_refresh == "offline" and self.training and not bool(all_reduce_no_grad(
+                    self.bank.counts.any().to(torch.float32).reshape(1), ctx, op=dist.ReduceOp.MAX)[0] > 0):
                 raise RuntimeError(
                     "head.phi_refresh = 'offline' needs the bank filled by partial_fc.cluster.offline_refresh "
                     "before the first training step (pfc ablate does this every epoch; pfc train does not)")

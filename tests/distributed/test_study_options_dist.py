@@ -114,3 +114,20 @@ def test_offline_refresh_sharded_equals_single_process(tmp_path):
         n = r["bank"]["centers"].shape[0]
         for k, v in r["bank"].items():
             torch.testing.assert_close(v, dense[k][r["start"]:r["start"] + n], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def _unfilled_worker(rank: int, world_size: int) -> str:
+    head = PartialFCHead(**COMMON, method="s6", phi_refresh="offline")
+    x, y = _inputs(world_size, 0)
+    try:
+        head(x[rank * PER_RANK:(rank + 1) * PER_RANK], y[rank * PER_RANK:(rank + 1) * PER_RANK])
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.timeout(120)
+def test_offline_head_without_refresh_raises_on_every_rank(tmp_path):
+    """Every rank raises (none is left waiting in a collective) when no refresh pass ran."""
+    for msg in run_distributed(_unfilled_worker, 2, tmp_path, timeout=90):
+        assert "offline_refresh" in msg
