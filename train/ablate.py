@@ -9,9 +9,16 @@ writes ``results.json`` (every run) and ``table.md`` (mean +- std over seeds)::
     pfc ablate --out runs/s6opts --runs-dir runs/ablate/runs --data runs/ablate/data \\
         --variants s6-options                             # a second table; reuses arcface and s6
     pfc ablate --quick --out /tmp/smoke                   # a tiny smoke run (seconds)
+    pfc ablate --spec train/studies/cg_study.toml --out runs/cg_study   # issue 17's study (study-v2)
+
+A spec file (``--spec``) holds a ``[study]`` table: :class:`StudySpec` fields (dataset, budget,
+``protocol``) plus ``variants``, ``seeds``, ``jobs``, ``threads``, ``order``; command-line options
+override it. ``protocol = "study-v2"`` evaluates with :mod:`train.study` (all held-out pairs,
+identity groups, probe identification, phi diagnostics) and also writes ``study.md`` (paired
+differences with 95% intervals, :mod:`train.study_stats`).
 
 Variants are preset names (``arcface``, ``s1``...``s6``, ``s2_center``...), groups (``paper``,
-``s6-options``) or a preset with head options, ``METHOD:key=value[:key=value...]`` (a key without
+``s6-options``, ``cg-study``) or a preset with head options, ``METHOD:key=value[:key=value...]`` (a key without
 a dot is a ``head.`` key; values are TOML literals or bare strings), e.g.
 ``s6:margin_direction=looser_smaller:tau=0.05``.
 
