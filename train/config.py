@@ -583,7 +583,9 @@ class CheckpointConfig(_Section):
         every_steps: Save every this many optimizer steps (0: only at the end).
         keep_last: Keep this many most recent checkpoints (0: keep all).
         dir: Checkpoint directory, relative to the run directory (an absolute path is used as is).
-        resume: ``"auto"`` (latest checkpoint in ``dir`` if any), ``"none"`` or a checkpoint path.
+        resume: ``"auto"`` (the newest valid checkpoint in ``dir``; a fresh start when ``dir`` has
+            none, an error when it has checkpoints but none is valid), ``"auto-or-fresh"`` (the
+            same, but a fresh start when none is valid), ``"none"`` or a checkpoint path.
     """
 
     _SECTION = "checkpoint"
@@ -599,7 +601,7 @@ class CheckpointConfig(_Section):
         if not self.dir:
             self._fail("dir", "must not be empty (use \".\" for the run directory)")
         if not self.resume:
-            self._fail("resume", "must be \"auto\", \"none\" or a checkpoint path")
+            self._fail("resume", "must be \"auto\", \"auto-or-fresh\", \"none\" or a checkpoint path")
 
 
 @dataclass(frozen=True)
