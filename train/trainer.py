@@ -308,6 +308,27 @@ class Trainer:
                         "from step 0", self.ckpt_root, len(rejected))
         return None
 
+    def _optimizer_hyperparameters(self) -> list[list[dict]]:
+        """The configured param-group settings (base_lr, weight decay, momentum...) of both optimizers."""
+        return [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                for opt in (self.engine.optimizer, self.head_opt)]
+
+    def _apply_optimizer_hyperparameters(self, configured: list[list[dict]]) -> None:
+        """Puts the configured settings back after a checkpoint restored its saved param groups.
+
+        The config decides the hyperparameters of a resumed run (so a rerun with a lower
+        optimizer.lr after a divergence really is one); the checkpoint gives the state (momenta,
+        moments, step counts). With an unchanged config this changes nothing.
+        """
+        for opt, groups in zip((self.engine.optimizer, self.head_opt), configured):
+            for g, want in zip(opt.param_groups, groups):
+                changed = sorted(k for k, v in want.items() if k != "lr" and str(g.get(k)) != str(v))
+                if changed and self.rank == 0:
+                    log.warning("resume: %s param group settings %s come from the config, not the checkpoint "
+                                "(%s -> %s)", type(opt).__name__, changed, [g.get(k) for k in changed],
+                                [want[k] for k in changed])
+                g.update(want)
+
     def _maybe_resume(self) -> None:
         from .checkpoint import load_checkpoint
 
@@ -316,10 +337,12 @@ class Trainer:
         path = self._choose_checkpoint()
         if path is None:
             return
+        configured = self._optimizer_hyperparameters()
         extra = load_checkpoint(path, self.head, self.head_opt, backbone=self.engine.module,
                                 backbone_optimizer=self._backbone_optimizer_for_checkpoint,
                                 scaler=self.scaler if self.scaler.is_enabled() else None,
                                 verify=False)  # hashed by check_checkpoint just before
+        self._apply_optimizer_hyperparameters(configured)
         st = TrainState(**extra["train_state"])
         # A fresh count: the checkpoint holds a finite state, and a count restored from before the
         # save would stop a resumed run (e.g. one lowering optimizer.lr after a divergence) at once.
@@ -484,7 +507,7 @@ class Trainer:
         self.state.consecutive_nonfinite += 1
         self.metrics.inc_skipped_steps()
         if self.rank == 0:
-            log.warning("step %d skipped: %s (%d in a row)", self.state.step + 1, why,
+            log.warning("step %d skipped: %s (%d in a row)", self.state.step, why,
                         self.state.consecutive_nonfinite)
         limit = self.cfg.run.max_nonfinite_steps
         if self.state.consecutive_nonfinite >= limit:
