@@ -228,3 +228,38 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint_and_says_so(tmp_path):
         t.close()
     log = (tmp_path / "inproc" / "train_rank0.log").read_text()
     assert "auto-or-fresh\": no valid checkpoint" in log
+
+
+def _train_args(tmp_path, **sets):
+    base = {
+        "run.output_dir": f'"{tmp_path}"', "run.name": '"cli"', "run.max_steps": 1,
+        "data.kind": '"synthetic"', "data.train_rec": '""', "data.batch_size": 8,
+        "data.synth.identities": 20, "data.synth.images_per_identity": 8,
+        "evaluation.bin_files": "[]", "evaluation.every_steps": 0, "metrics.prometheus": "false",
+        "metrics.progress_bar": "false", "export.onnx": "false",
+    }
+    base.update({k: str(v) for k, v in sets.items()})
+    return ["train", "--no-export"] + [a for k, v in base.items() for a in ("--set", f"{k}={v}")]
+
+
+def test_checkpoint_and_data_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """They ended in a traceback with exit 1; config errors already got a message and exit 2."""
+    from train.cli import main
+
+    monkeypatch.delenv("PFC_TRACEBACK", raising=False)
+    missing = tmp_path / "no_such_checkpoint"
+    assert main(_train_args(tmp_path, **{"checkpoint.resume": f'"{missing}"'})) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and f"{missing} is not a checkpoint directory" in err.splitlines()[-1]
+
+    rec = tmp_path / "garbage.rec"
+    rec.write_bytes(bytes(range(256)) * 8)
+    rec.with_suffix(".idx").write_text("0\t0\n1\t512\n")
+    args = _train_args(tmp_path, **{"data.kind": '"torch"', "data.train_rec": f'"{rec}"', "run.name": '"cli2"'})
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "garbage.rec" in err.splitlines()[-1] and "offset 0" in err
+
+    monkeypatch.setenv("PFC_TRACEBACK", "1")  # the traceback on demand, same exit code
+    assert main(args) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
