@@ -238,7 +238,13 @@ def export_main(argv: Sequence[str]) -> int:
         return 2
     b = cfg.backbone
     model = build_backbone(b.name, num_features=b.num_features, dropout=b.dropout)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # a config that does not describe this checkpoint
+        first = str(e).strip().splitlines()
+        print(f"pfc export: {step_dir} does not fit backbone {b.name!r} with num_features={b.num_features} "
+              f"from {cfg_path} ({first[-1].strip() if first else e}); pass the run's --config", file=sys.stderr)
+        return 2
     model.eval()
     out_dir = Path(args.out) if args.out else cfg_path.parent / "export"
     step = int(step_dir.name.split("_")[-1]) if step_dir.name.startswith("step_") else -1

@@ -373,14 +373,26 @@ class Trainer:
         return bufs
 
     def _snapshot_norm_stats(self) -> list[torch.Tensor]:
-        """Copies of the BatchNorm statistics, taken before a step's first forward (cheap: vectors)."""
-        return [b.detach().clone() for b in self._norm_stat_buffers()]
+        """Copies the BatchNorm statistics before a step's first forward.
+
+        Cheap: vectors only, into buffers allocated once, with one multi-tensor copy (no host
+        sync). Returns the snapshot for :meth:`_restore_norm_stats`.
+        """
+        bufs = self._norm_stat_buffers()
+        snap = getattr(self, "_norm_snapshot", None)
+        if snap is None or len(snap) != len(bufs) or any(a.shape != b.shape for a, b in zip(snap, bufs)):
+            snap = self._norm_snapshot = [torch.empty_like(b) for b in bufs]
+        if bufs:
+            with torch.no_grad():
+                torch._foreach_copy_(snap, bufs)
+        return snap
 
     def _restore_norm_stats(self, snapshot: list[torch.Tensor]) -> None:
         """Undoes a skipped step's forward passes: their (NaN) batch statistics must not stay."""
-        with torch.no_grad():
-            for b, saved in zip(self._norm_stat_buffers(), snapshot):
-                b.copy_(saved)
+        bufs = self._norm_stat_buffers()
+        if bufs:
+            with torch.no_grad():
+                torch._foreach_copy_(bufs, snapshot)
 
     def _state_is_finite(self) -> bool:
         """Whether every floating tensor of the state a checkpoint holds is finite, on every rank."""
@@ -388,13 +400,17 @@ class Trainer:
         for opt in (self.head_opt, self._backbone_optimizer_for_checkpoint):
             if opt is not None:
                 tensors += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-        flags = []
+        # One fp32 sum per tensor instead of isfinite(t): NaN and inf propagate through a sum, and
+        # no temporary as large as the tensor is made (the head shard can be gigabytes). A finite
+        # tensor whose sum overflows fp32 (entries ~1e30) is garbage anyway and is refused too.
+        sums = []
         for t in tensors:
             if t.is_sparse:
                 t = t.coalesce().values()
             if t.is_floating_point() and t.numel():
-                flags.append(torch.isfinite(t).all())
-        ok = torch.stack(flags).all().float().reshape(1).to(self.device) if flags else \
+                sums.append(t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+                            .to(torch.float64))
+        ok = torch.isfinite(torch.stack(sums)).all().to(self.device, torch.float32).reshape(1) if sums else \
             torch.ones(1, device=self.device)
         return bool(all_reduce_no_grad(ok, self.ctx, op=dist.ReduceOp.MIN).item() > 0)
 

@@ -263,3 +263,19 @@ def test_checkpoint_and_data_errors_are_one_line_exit_2(tmp_path, capsys, monkey
     monkeypatch.setenv("PFC_TRACEBACK", "1")  # the traceback on demand, same exit code
     assert main(args) == 2
     assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_a_state_with_non_finite_values_is_never_saved(tmp_path):
+    t = Trainer(_cfg(tmp_path, **{"run.max_steps": 1}), handle_signals=False)
+    try:
+        with torch.no_grad():
+            t.head.weight[3, 1] = float("inf")
+        assert t.save() is None and t.state.skipped_saves == 1
+        assert not list((tmp_path / "inproc" / "checkpoints").glob("step_*"))
+        with torch.no_grad():
+            t.head.weight[3, 1] = 0.0
+        assert t.save() is not None
+    finally:
+        t.close()
+    log = (tmp_path / "inproc" / "train_rank0.log").read_text()
+    assert "checkpoint of step 0 not written: the model, head or optimizer state holds non-finite values" in log
