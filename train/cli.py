@@ -76,6 +76,32 @@ def _record_exit_status(code: int) -> None:
         print(f"pfc train: cannot record the exit status in {out}: {e}", file=sys.stderr)
 
 
+def workers_exit_code(rc: int, status_dir: Path) -> int:
+    """The exit code to report for a launcher that returned ``rc``, from its workers' records.
+
+    The same rule as ``pfc_worker_exit`` in launch/lib.sh (tested against it): among the codes
+    of the latest round in ``status_dir``, some 75 and otherwise 0 gives 75, all 2 or all 3
+    gives that code, anything else (or nothing recorded) keeps ``rc``.
+    """
+    if rc == 0 or not status_dir.is_dir():
+        return rc
+    rounds: dict[int, list[int]] = {}
+    for f in status_dir.glob("round*.rank*"):
+        head = f.name[len("round"):].split(".", 1)[0]
+        try:
+            code = int(f.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if head.isdigit():
+            rounds.setdefault(int(head), []).append(code)
+    codes = set(rounds[max(rounds)]) if rounds else set()
+    if 75 in codes and codes <= {0, 75}:
+        return 75
+    if len(codes) == 1 and codes <= {EXIT_BAD_INPUT, EXIT_DIVERGED}:
+        return codes.pop()
+    return rc
+
+
 # ---------------------------------------------------------------------------------------- train
 def train_main(argv: Sequence[str]) -> int:
     """``pfc train``: one rank of a training job (torchrun/Slurm set the rank environment)."""
@@ -347,8 +373,14 @@ def demo_main(argv: Sequence[str]) -> int:
     for o in args.overrides:
         cmd += ["--set", o]
     print("[pfc] running:", " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    rc = subprocess.call(cmd, env=env)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pfc-exit.") as status_dir:
+        # torchrun reports any worker failure as 1: the workers' own codes (75 after a
+        # checkpoint on a signal, 2, 3) come from their records (see workers_exit_code).
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                   **{EXIT_STATUS_DIR_ENV: status_dir})
+        rc = workers_exit_code(subprocess.call(cmd, env=env), Path(status_dir))
     if rc == 0:
         print(f"[pfc] demo finished in {time.perf_counter() - t0:.0f} s; the run directory (config, logs, "
               f"checkpoints, export, summary.json) is {cfg.run_dir}", flush=True)

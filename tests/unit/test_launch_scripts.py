@@ -127,6 +127,9 @@ def test_worker_exit_maps_the_workers_own_codes(tmp_path, rc, recorded, want):
     r = subprocess.run(["bash", "-c", f'. "{LAUNCH}/lib.sh"; set -euo pipefail; pfc_worker_exit {rc} "{tmp_path}"'],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stdout.strip() == str(want), r.stderr
+    from train.cli import workers_exit_code  # `pfc demo`'s copy of the rule
+
+    assert workers_exit_code(rc, tmp_path) == want
 
 
 def test_train_records_its_exit_status_for_the_launcher(tmp_path, monkeypatch, capsys):
