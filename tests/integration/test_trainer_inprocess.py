@@ -190,6 +190,9 @@ def test_refused_resume_leaves_the_run_directory_untouched(tmp_path):
     with pytest.raises(CheckpointError, match="embedding_size=128, the head has 64"):
         Trainer(_cfg(tmp_path, **{"backbone.num_features": 64, "head.embedding_size": 64}), handle_signals=False)
     assert {n: (run / n).read_bytes() for n in before} == before
+    from train.cli import main  # and so `pfc export` still rebuilds the right backbone
+
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "exported")]) == 0
 
 
 def _flip_a_byte(step_dir) -> None:
