@@ -690,8 +690,9 @@ class Trainer:
         summary["train_seconds"] = round(time.perf_counter() - t_start, 2)
         if summary["preempted"]:
             if self.rank == 0:
-                log.warning("stopped by %s at step %d/%d after saving a checkpoint; run again to resume",
-                            self._stop_signal or "a signal on another rank", self.state.step, d.total_steps)
+                log.warning("stopped by %s at step %d/%d; run again to resume from %s",
+                            self._stop_signal or "a signal on another rank", self.state.step, d.total_steps,
+                            self.last_good_checkpoint or "step 0 (no checkpoint was saved)")
         else:
             summary["eval"] = self.evaluate()
         summary["step"] = self.state.step
