@@ -399,7 +399,9 @@ class Trainer:
         tensors = list(self.engine.module.state_dict().values()) + list(self.head.state_dict().values())
         for opt in (self.head_opt, self._backbone_optimizer_for_checkpoint):
             if opt is not None:
-                tensors += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+                # getattr: an engine's optimizer wrapper may keep its state elsewhere (then unchecked).
+                tensors += [v for st in getattr(opt, "state", {}).values() for v in st.values()
+                            if isinstance(v, torch.Tensor)]
         # One fp32 sum per tensor instead of isfinite(t): NaN and inf propagate through a sum, and
         # no temporary as large as the tensor is made (the head shard can be gigabytes). A finite
         # tensor whose sum overflows fp32 (entries ~1e30) is garbage anyway and is refused too.
