@@ -128,7 +128,8 @@ def group_verification(pairs: Mapping[str, np.ndarray], identity: np.ndarray, gr
             fa, fb = family[identity[pairs["imp_i"]]], family[identity[pairs["imp_j"]]]
             look = (fa == fb) & (fa >= 0)
             out["n_lookalike_impostors"] = float(look.sum())
-            out[f"fa_lookalike_{key(far)}"] = float((pairs["imp"][look] > thr).mean()) if look.any() else math.nan
+            ok = look.any() and not math.isnan(thr)  # no rate at a FAR the impostors cannot measure
+            out[f"fa_lookalike_{key(far)}"] = float((pairs["imp"][look] > thr).mean()) if ok else math.nan
             out[f"tar_{key(far)}_vs_lookalike"] = tar_at_threshold(pairs["gen"], threshold_at_far(pairs["imp"][look], far))
     return out
 

@@ -66,6 +66,8 @@ def test_group_verification_splits() -> None:
     assert out["fa_lookalike_1e-1"] == pytest.approx((p["imp"][look] > thr).mean())
     # 24 impostors at FAR 0.1: the 2 accepted are both look-alike pairs (of 4).
     assert out["fa_lookalike_1e-1"] == 0.5 and (p["imp"][~look] > thr).sum() == 0
+    unmeasurable = st.group_verification(p, identity, {}, family=fam, fars=(1e-3,))  # 24 impostors
+    assert math.isnan(unmeasurable["tar_1e-3"]) and math.isnan(unmeasurable["fa_lookalike_1e-3"])
     g = identity[p["gen_i"]]
     assert out["tar_1e-1_fam"] == pytest.approx((p["gen"][g < 2] > thr).mean())
 
