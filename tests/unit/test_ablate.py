@@ -145,7 +145,14 @@ def test_spec_files_load_and_unknown_keys_are_named(tmp_path):
     spec, run = load_spec(root / "cg_study.toml")
     assert spec.protocol == "study-v2" and spec.image_size == 56 and spec.family_size == 4
     assert run["variants"] == ["cg-study"] and len(run["seeds"]) >= 5 and run["jobs"] == 2
-    assert len(parse_variants(run["variants"])) == len(GROUPS["cg-study"])
+    variants = parse_variants(run["variants"])
+    assert len(variants) == len(GROUPS["cg-study"])
+    for v in variants:  # every control resolves to a valid config (what `pfc ablate` checks first)
+        cfg = run_config(spec, v, 0, tmp_path / "runs", tmp_path / "data")
+        assert cfg.data.image_size == 56 and cfg.head.track_clusters is True and cfg.backbone.name == "iresnet_nano"
+    by = {v.label: run_config(spec, v, 0, tmp_path / "runs", tmp_path / "data").head for v in variants}
+    assert by["s1:phi_shuffle=margin"].phi_shuffle == "margin" and by["s1:phi_refresh=offline"].phi_refresh == "offline"
+    assert by["s2:phi_shuffle=temperature"].phi_shuffle == "temperature" and by["s1:phi_count_norm=none"].phi_count_norm == "none"
     sc = spec.synth_config()
     assert sc.size_distribution == "powerlaw" and sc.probe_images_per_identity == 4 and sc.image_size == 56
     # >= 10^6 held-out impostor pairs: n images give n(n-1)/2 pairs, minus the genuine ones.
