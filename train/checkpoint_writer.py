@@ -53,6 +53,7 @@ from .checkpoint import (
     _commit_dir,
     _format_exc,
     _fsync_dir,
+    _name_disk_full,
     _raise_if_any_failed,
     _replicated_payload,
     _rng_state,
@@ -116,7 +117,7 @@ class _HashingFile:
 
 def _write_file(obj: Any, path: Path) -> dict:
     """``torch.save`` + fsync, hashing while writing; ``{"size", "sha256"}``."""
-    with open(path, "wb") as f:
+    with _name_disk_full(path), open(path, "wb") as f:
         hf = _HashingFile(f)
         torch.save(obj, hf)
         f.flush()
@@ -164,7 +165,8 @@ class AsyncCheckpointWriter:
     # ------------------------------------------------------------------------------------------
     def save(self, step: int, head: nn.Module, head_optimizer: Optional[torch.optim.Optimizer], *,
              backbone: Optional[nn.Module], backbone_optimizer: Any = None, scaler: Any = None,
-             extra_state: Optional[dict] = None, keep_last: Optional[int] = 3) -> Path:
+             extra_state: Optional[dict] = None, keep_last: Optional[int] = 3,
+             finite: Optional[bool] = None) -> Path:
         """Stages the state of ``step`` and starts writing it; returns the directory it will have.
 
         Collective (every rank, same arguments as :func:`train.checkpoint.save_checkpoint`; a
@@ -232,7 +234,7 @@ class AsyncCheckpointWriter:
                     for r in range(world):
                         (tmp / _REPORT.format(r)).unlink()
                     _fsync_dir(tmp)
-                    _commit_dir(self.root, tmp, final, step, head_config, world, reports, keep_last, nonce)
+                    _commit_dir(self.root, tmp, final, step, head_config, world, reports, keep_last, nonce, finite)
             except Exception as e:  # noqa: BLE001
                 pending.error = _format_exc(e)
                 if rank == 0:
