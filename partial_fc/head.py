@@ -172,6 +172,7 @@ class PartialFCHead(nn.Module):
         self.defer_input_checks = False
         self.input_flags: Optional[torch.Tensor] = None
         self._deferred_inputs: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None
+        self._finite_rows: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -221,6 +222,7 @@ class PartialFCHead(nn.Module):
             # out-of-range label belongs to no shard (-1 - class_start < 0 on every rank).
             self.input_flags = torch.stack([bad_label.any(), bad_emb.any()])
             self._deferred_inputs = (global_labels, global_emb.detach(), local_batch)
+            self._finite_rows = ~bad_emb  # the bank learns from finite embeddings only
             return torch.where(bad_label, torch.full_like(global_labels, -1 - n), global_labels)
         self._raise_input_errors(bad_label, bad_emb, global_labels, local_batch)
         return global_labels
@@ -417,6 +419,10 @@ class PartialFCHead(nn.Module):
             if self.bank is not None and cfg.phi_refresh == "online":
                 local_all = global_labels - self.class_start
                 in_shard = (local_all >= 0) & (local_all < self.num_local_classes)
+                if self.defer_input_checks and self._finite_rows is not None:
+                    # Non-finite embeddings were not refused (the step will be skipped): keep them
+                    # out of the bank, without reading the device.
+                    in_shard = in_shard & self._finite_rows
                 self.bank.update(feats.detach(), torch.where(in_shard, local_all, torch.full_like(local_all, -1)))
             self.step += 1
             self._host_step = ((id(self.step), self.step._version), step + 1)
