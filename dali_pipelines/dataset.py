@@ -49,6 +49,9 @@ Layout = Literal["auto", "insightface", "plain"]
 _LEN_MASK = (1 << 29) - 1
 _CHUNK = 1 << 20
 
+#: Keys (images + identities + header) an insightface file can hold: float32 labels.
+INSIGHTFACE_MAX_RECORDS = 1 << 24
+
 #: ``format`` field of a shard manifest.
 MANIFEST_FORMAT = "partial-fc-shards"
 MANIFEST_VERSION = 1
@@ -573,14 +576,20 @@ class InsightFaceWriter:
                 "by class with classes numbered 0, 1, 2, ... in order"
             )
         key = self._next_key
-        if key >= 1 << 24:
-            raise ValueError("insightface layout stores keys as float32: at most 2**24 records")
+        if key >= INSIGHTFACE_MAX_RECORDS:
+            raise ValueError("insightface layout stores keys as float32: at most 2**24 records; "
+                             "use the plain layout (pack --layout plain or --shards N)")
         self._w.write_image(key, float(label), jpeg)
         s, _ = self._ranges[label]
         self._ranges[label] = (s, key + 1)
         self._next_key += 1
         self.num_images += 1
         return key
+
+    def add_empty_class(self) -> int:
+        """Appends a class without images (``[k, k)``), e.g. an identity whose files all failed."""
+        self._ranges.append((self._next_key, self._next_key))
+        return len(self._ranges) - 1
 
     @property
     def num_classes(self) -> int:
@@ -598,8 +607,15 @@ class InsightFaceWriter:
         self._w.overwrite(self._header_offset, self._pack([float(first_id), float(end)], b"", id=0))
         self._w.close()
 
+    def abort(self) -> None:
+        """Deletes the partial ``.rec`` and writes no ``.idx``."""
+        self._w.abort()
+
     def __enter__(self) -> InsightFaceWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()  # an interrupted write leaves no valid-looking, shorter dataset
+        else:
+            self.close()

@@ -418,11 +418,24 @@ class RecordWriter:
         if self.idx_path is not None:
             write_index(self.idx_path, self._keys, self._offsets)
 
+    def abort(self) -> None:
+        """Closes and deletes the partial ``.rec``; writes no ``.idx`` (nothing looks complete)."""
+        if not self._f.closed:
+            self._f.close()
+        try:
+            os.unlink(self.rec_path)
+        except FileNotFoundError:
+            pass
+
     def __enter__(self) -> RecordWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # An exception (or Ctrl-C) mid-write must not leave a valid-looking shorter file.
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
 
 
 # ----------------------------------------------------------------------------- reader
