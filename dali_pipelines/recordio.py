@@ -344,13 +344,45 @@ def read_index(idx_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(keys), np.concatenate(offsets)
 
 
+_POW10 = 10 ** np.arange(19, dtype=np.uint64)
+
+
+def _digits(v: np.ndarray) -> np.ndarray:
+    """``[N, W]`` ASCII digits of non-negative ``v`` (right-aligned, 0 bytes before the number)."""
+    v = v.astype(np.uint64)
+    width = max(1, len(str(int(v.max())))) if len(v) else 1
+    pw = _POW10[:width][::-1]
+    d = ((v[:, None] // pw[None, :]) % np.uint64(10)).astype(np.uint8) + np.uint8(48)
+    lead = v[:, None] < pw[None, :]
+    lead[:, -1] = False  # the number 0 still has one digit
+    d[lead] = 0
+    return d
+
+
+def format_index_lines(keys: np.ndarray, offsets: np.ndarray) -> bytes:
+    """``key<TAB>offset<LF>`` lines for non-negative integer arrays, vectorised."""
+    k = np.asarray(keys, dtype=np.int64)
+    o = np.asarray(offsets, dtype=np.int64)
+    if len(k) == 0:
+        return b""
+    if (k < 0).any() or (o < 0).any():
+        return "".join(f"{int(a)}\t{int(b)}\n" for a, b in zip(k, o)).encode("ascii")
+    n = len(k)
+    m = np.concatenate([_digits(k), np.full((n, 1), 9, np.uint8), _digits(o), np.full((n, 1), 10, np.uint8)],
+                       axis=1)
+    return m[m != 0].tobytes()  # row-major: each line's bytes in order, padding dropped
+
+
 def write_index(
     idx_path: str | os.PathLike[str], keys: Sequence[int] | np.ndarray, offsets: Sequence[int] | np.ndarray
 ) -> None:
-    """Writes a ``.idx`` text index (``key<TAB>offset`` per line), atomically."""
+    """Writes a ``.idx`` text index (``key<TAB>offset`` per line), atomically, vectorised."""
     tmp = Path(str(idx_path) + ".tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.writelines(f"{int(k)}\t{int(o)}\n" for k, o in zip(keys, offsets))
+    k = np.asarray(keys, dtype=np.int64)
+    o = np.asarray(offsets, dtype=np.int64)
+    with open(tmp, "wb") as f:
+        for lo in range(0, len(k), 1 << 20):
+            f.write(format_index_lines(k[lo : lo + (1 << 20)], o[lo : lo + (1 << 20)]))
     os.replace(tmp, idx_path)
 
 
