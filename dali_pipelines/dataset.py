@@ -134,36 +134,43 @@ def _scan_headers(reader: RecordReader, offsets: np.ndarray
     start = np.full(n, -1, dtype=np.int64)
     length = np.zeros(n, dtype=np.int64)
     size = reader.size
-    buf = np.frombuffer(reader.buffer, dtype=np.uint8) if size else np.zeros(0, np.uint8)
-    span = np.arange(8 + IR_SIZE + 4, dtype=np.int64)
+    # RecordIO records start at multiples of 4: gather the five header words we need
+    # (magic, lrec, flag, scalar label, first vector label) as uint32, one 1-D gather
+    # each, instead of a [N, 36] byte matrix.
+    words = np.frombuffer(reader.buffer, dtype="<u4", count=size // 4) if size >= 4 else np.zeros(0, "<u4")
+    nw = len(words)
     try:
         for lo in range(0, n, _CHUNK):
             offs = offsets[lo : lo + _CHUNK]
-            fits = offs + len(span) <= size
-            raw = np.zeros((len(offs), len(span)), dtype=np.uint8)
-            raw[fits] = buf[offs[fits, None] + span]
-            w = raw.view("<u4")
-            magic, lrec, flag = w[:, 0], w[:, 1], w[:, 2].astype(np.int64)
+            o4 = offs >> 2
+            fits = ((offs & 3) == 0) & (offs >= 0) & (o4 + 9 <= nw)
+            o4 = np.where(fits, o4, 0)
+            magic, lrec, flag = words[o4], words[o4 + 1], words[o4 + 2].astype(np.int64)
+            scalar = words[o4 + 3].view("<f4")
+            vec0 = words[o4 + 8].view("<f4")
             cflag, plen = lrec >> 29, (lrec & _LEN_MASK).astype(np.int64)
-            scalar = raw[:, 12:16].copy().view("<f4")[:, 0]
-            vec0 = raw[:, 32:36].copy().view("<f4")[:, 0]
             simple = fits & (magic == MAGIC) & (cflag == 0) & (plen >= IR_SIZE + 4 * flag)
             simple &= offs + 8 + plen <= size
+            if simple.all():
+                labels[lo : lo + len(offs)] = np.where(flag > 0, vec0, scalar)
+                start[lo : lo + len(offs)] = offs + 8 + IR_SIZE + 4 * flag
+                length[lo : lo + len(offs)] = plen - IR_SIZE - 4 * flag
+                continue
             idx = np.nonzero(simple)[0]
             g = lo + idx
             labels[g] = np.where(flag[idx] > 0, vec0[idx], scalar[idx])
             start[g] = offs[idx] + 8 + IR_SIZE + 4 * flag[idx]
             length[g] = plen[idx] - IR_SIZE - 4 * flag[idx]
             for j in np.nonzero(~simple)[0]:
-                # Slow path: multi-part records, or errors that need a precise message.
+                # Slow path: multi-part or short records, or errors that need a precise message.
                 off = int(offs[j])
                 rec = unpack_image_record(reader.read_at(off), f"{path} at offset {off}")
                 labels[lo + j] = rec.scalar_label
-                if len(span) + off <= size and int(cflag[j]) == 0 and magic[j] == MAGIC:
+                if off + 8 <= size and int.from_bytes(reader.buffer[off + 4 : off + 8], "little") >> 29 == 0:
                     start[lo + j] = off + 8 + IR_SIZE + 4 * rec.header.flag
                     length[lo + j] = len(rec.payload)
     finally:
-        del buf  # the map cannot be closed while a numpy view exists
+        del words  # the map cannot be closed while a numpy view exists
     return labels, start, length
 
 

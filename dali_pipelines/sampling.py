@@ -21,7 +21,7 @@ import numpy as np
 
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
-_CHUNK = 1 << 20  # positions evaluated per step: bounds the temporaries
+_CHUNK = 1 << 18  # positions evaluated per step: bounds the temporaries
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
