@@ -10,7 +10,9 @@ a fresh process:
 * ``ranks``: ``--ranks`` processes opening at once, each computing its epoch order and
   gathering its labels (what a rank does before its first step): wall time and memory per
   rank from ``/proc/<pid>/smaps_rollup`` (USS = Private_Clean + Private_Dirty, PSS, and
-  Private_Dirty = anonymous memory that is this rank's alone);
+  Anonymous = memory the rank materialised itself; file pages of the memory-mapped
+  cache are shared through the page cache, but count as private in USS while only one
+  process has touched them, and as dirty until written back);
 * ``order``: the first epoch order of rank 0 (time, private memory);
 * ``pack`` (``--pack-images N``): ``pack_folder`` on a generated tree of N 112x112 JPEGs
   (copied byte for byte), with one worker, in images/s per core.
@@ -106,7 +108,7 @@ def _measure(mode: str, rec: str, rank: int, world: int, batch: int, start_at: f
         del labels
     end = smaps()
     res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    for k in ("USS", "Pss", "Private_Dirty", "Rss"):
+    for k in ("USS", "Pss", "Private_Dirty", "Anonymous", "Rss"):
         res[f"{k}_base"] = base.get(k, 0)
         res[f"{k}_open"] = after_open.get(k, 0)
         res[f"{k}_end"] = end.get(k, 0)
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in ranks:
         print(f"  rank {r['rank']}: open {r['open_s']:.2f} s, order {r['order_s']:.2f} s, USS {r['USS_end'] / g:.3f} "
               f"GiB (interpreter {r['USS_base'] / g:.3f}), PSS {r['Pss_end'] / g:.3f} GiB, private dirty "
-              f"{r['Private_Dirty_end'] / g:.3f} GiB")
+              f"{r['Private_Dirty_end'] / g:.3f} GiB, anonymous {r['Anonymous_end'] / g:.3f} GiB")
     if "pack" in results:
         pk = results["pack"]
         print(f"pack {pk['images']} JPEGs, 1 worker: {pk['images_per_s_1_worker']:.0f} images/s wall, "

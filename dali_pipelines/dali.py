@@ -135,17 +135,17 @@ def external_pipeline(source: Callable[[], tuple[list[np.ndarray], np.ndarray, n
 
 
 def mxnet_reader_pipeline(rec_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-                          index_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+                          index_path: str | os.PathLike[str], *,
                           batch_size: int, num_threads: int = 2, device_id: int | None = None,
                           shard_id: int = 0, num_shards: int = 1, shuffle: bool = False, seed: int = 0,
                           decode: bool = True, image_size: int = 112, flip: bool = True) -> Any:
     """Builds a pipeline around DALI's native ``fn.readers.mxnet``.
 
     Args:
-        rec_path: The ``.rec`` file, or the shard files of a sharded dataset
-            (``[rec for rec, _ in FaceRecordDataset.image_index_paths()]``).
-        index_path: An index listing image records only
-            (``FaceRecordDataset.image_index_path()``), or one per shard.
+        rec_path: The ``.rec`` file, or the shard files of a sharded dataset.
+        index_path: One index listing image records only; for several files
+            its offsets run through their concatenation (both from
+            ``FaceRecordDataset.dali_reader_inputs()``).
         decode: False returns the raw encoded bytes, for compatibility checks.
         flip: Random flips via ``fn.random.coin_flip`` (decode only).
 
@@ -156,9 +156,7 @@ def mxnet_reader_pipeline(rec_path: str | os.PathLike[str] | Sequence[str | os.P
     from nvidia.dali import fn, pipeline_def
 
     recs = [str(p) for p in rec_path] if isinstance(rec_path, (list, tuple)) else [str(rec_path)]
-    idxs = [str(p) for p in index_path] if isinstance(index_path, (list, tuple)) else [str(index_path)]
-    if len(recs) != len(idxs):
-        raise ValueError(f"{len(recs)} .rec files but {len(idxs)} indexes; pass one index per file")
+    idxs = [str(index_path)]  # DALI's reader takes one index over all files
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
     def _pipe() -> Any:

@@ -477,11 +477,36 @@ class FaceRecordDataset:
         write_index(path, self.image_keys[order], self.image_offsets[order])
         return Path(path)
 
-    def image_index_paths(self, cache_dir: str | os.PathLike[str] | None = None) -> list[tuple[str, str]]:
-        """``(rec, idx)`` per file for DALI's ``fn.readers.mxnet`` (image records only)."""
-        if len(self.sources) > 1:
-            return [(s.rec, str(s.idx)) for s in self.sources]
-        return [(self.sources[0].rec, str(self.image_index_path(cache_dir)))]
+    def dali_reader_inputs(self, cache_dir: str | os.PathLike[str] | None = None) -> tuple[list[str], str]:
+        """``(rec files, one image-only index)`` for DALI's ``fn.readers.mxnet``.
+
+        DALI's RecordIO reader takes several ``.rec`` files but a single index,
+        whose offsets count from the start of the first file through the
+        concatenation of all of them; for shards that index is written once
+        (into the index cache entry, else ``cache_dir`` or the temp dir).
+        """
+        if len(self.sources) == 1:
+            return [self.sources[0].rec], str(self.image_index_path(cache_dir))
+        sizes = np.array([os.path.getsize(s.rec) for s in self.sources], dtype=np.int64)
+        base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        assert self._shard is not None
+        tag = hashlib.sha1(json.dumps([[os.path.abspath(s.rec), int(z)] for s, z in
+                                       zip(self.sources, sizes)]).encode()).hexdigest()[:12]
+        dirs = [Path(self.cache_path)] if self.cache_path is not None else []
+        dirs += [Path(cache_dir)] if cache_dir is not None else []
+        dirs += [Path(tempfile.gettempdir()) / "dali_pipelines"]
+        for d in dirs:
+            p = d / f"{Path(self.path).stem}.{tag}.dali.idx"
+            if p.exists():
+                return [s.rec for s in self.sources], str(p)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                offs = base[np.asarray(self._shard, dtype=np.int64)] + np.asarray(self.image_offsets)
+                write_index(p, np.arange(len(offs), dtype=np.int64), offs)
+                return [s.rec for s in self.sources], str(p)
+            except OSError:
+                continue
+        raise OSError(f"no writable directory for the DALI index of {self.path}; pass cache_dir")
 
     def image_index_path(self, cache_dir: str | os.PathLike[str] | None = None) -> Path:
         """Returns (writing on first use) an image-only index for DALI's reader.
@@ -490,7 +515,7 @@ class FaceRecordDataset:
         writable, else under ``cache_dir`` (default: the system temp dir).
         """
         if len(self.sources) > 1:
-            raise ValueError("a sharded dataset has one index per shard; use image_index_paths()")
+            raise ValueError("a sharded dataset has one index per shard; use dali_reader_inputs()")
         if self.layout == "plain" and self.idx_path:
             return Path(self.idx_path)
         st = os.stat(self.rec_path)
