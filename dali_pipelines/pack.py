@@ -292,7 +292,9 @@ def _write_shard(task: _ShardTask, images: Iterable[tuple[int, str, bytes | None
     Returns the shard's record (counts, label range, skips, sizes).
     """
     rec_tmp, idx_tmp = _partial(task.rec), _partial(task.idx)
-    _remove(rec_tmp, idx_tmp, task.state)
+    # Old final files of a shard being redone are not trustworthy: remove them first, so
+    # a crash between the two renames below can never pair a new .idx with an old .rec.
+    _remove(task.state, task.idx, task.rec, rec_tmp, idx_tmp)
     stats: dict[str, Any] = {"images": 0, "resized": 0, "skipped": [], "empty": []}
     labels_seen: set[int] = set()
     writer: InsightFaceWriter | RecordWriter
@@ -339,6 +341,7 @@ def _write_shard(task: _ShardTask, images: Iterable[tuple[int, str, bytes | None
         if meta["num_images"] != stats["images"]:
             raise PackError(f"{task.rec}: verification read {meta['num_images']} image records, "
                             f"{stats['images']} were written")
+        # The .idx first: a .rec without its .idx would open by scanning, an .idx alone never.
         os.replace(idx_tmp, task.idx)
         os.replace(rec_tmp, task.rec)
     except BaseException:
