@@ -132,6 +132,41 @@ def _jpeg_is_complete(data: bytes) -> bool:
     return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
 
 
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_geometry(data: bytes) -> tuple[int, int, int] | None:
+    """``(width, height, components)`` from a JPEG's SOF marker, or None if not parseable.
+
+    Walks the marker segments only (tens of microseconds, ~10x cheaper than
+    ``PIL.Image.open``): the byte-for-byte copy path needs nothing else.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        seg = (data[pos + 2] << 8) | data[pos + 3]
+        if marker in _SOF:
+            if pos + 10 > n or seg < 8:
+                return None
+            h = (data[pos + 5] << 8) | data[pos + 6]
+            w = (data[pos + 7] << 8) | data[pos + 8]
+            return w, h, data[pos + 9]
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any SOF
+            return None
+        pos += 2 + seg
+    return None
+
+
 def prepare_image(path: str, data: bytes, size: int, quality: int,
                   transform: Transform | None = None) -> tuple[bytes | None, bool, str]:
     """File bytes -> ``(jpeg bytes or None, was_converted, skip reason)``.
@@ -147,6 +182,8 @@ def prepare_image(path: str, data: bytes, size: int, quality: int,
     """
     if not data:
         return None, False, "empty file"
+    if transform is None and jpeg_geometry(data) == (size, size, 3) and _jpeg_is_complete(data):
+        return data, False, ""  # already what we store: copied byte for byte, not decoded
     try:
         with Image.open(io.BytesIO(data)) as im:
             if (transform is None and im.format == "JPEG" and im.size == (size, size)

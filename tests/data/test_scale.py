@@ -354,3 +354,19 @@ def test_open_memory_grows_with_the_rank_share_not_the_dataset(tmp_path: Path) -
     assert res[8]["share"] < 12 * mib, res
     assert res[8]["share"] < 0.5 * res[1]["share"], res
     assert per_sample_8 < 40, res
+
+
+def test_jpeg_geometry_agrees_with_pil() -> None:
+    import io
+
+    from dali_pipelines.pack import jpeg_geometry
+
+    rng = np.random.default_rng(0)
+    for mode, size, progressive in [("RGB", (112, 112), False), ("RGB", (80, 50), True), ("L", (112, 112), False),
+                                    ("RGB", (300, 7), False), ("CMYK", (112, 112), False)]:
+        im = Image.fromarray(rng.integers(0, 255, (size[1], size[0], len(mode)), np.uint8).squeeze(), mode)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", progressive=progressive)
+        with Image.open(io.BytesIO(buf.getvalue())) as back:
+            assert jpeg_geometry(buf.getvalue()) == (*back.size, len(back.getbands()))
+    assert jpeg_geometry(b"\xff\xd8 not really") is None and jpeg_geometry(b"PNG") is None
