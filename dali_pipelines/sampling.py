@@ -85,9 +85,12 @@ def permute(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
 def flip_bits(positions: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     """``[M] bool`` flip decision of each global epoch position (a hash bit, p = 0.5)."""
     k = np.uint64(_key(seed, epoch, 0xF11B))
+    out = np.empty(len(positions), dtype=bool)
     with np.errstate(over="ignore"):
-        h = _mix64(np.asarray(positions, dtype=np.uint64) * np.uint64(_GOLDEN) ^ k)
-    return (h >> np.uint64(63)).astype(bool)
+        for lo in range(0, len(positions), _CHUNK):
+            p = np.asarray(positions[lo : lo + _CHUNK], dtype=np.uint64)
+            out[lo : lo + _CHUNK] = (_mix64(p * np.uint64(_GOLDEN) ^ k) >> np.uint64(63)).astype(bool)
+    return out
 
 Tail = Literal["drop", "pad"]
 
