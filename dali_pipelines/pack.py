@@ -286,7 +286,7 @@ def _shard_names(out: Path, shards: int) -> list[tuple[Path, Path]]:
 def _plan_digest(ids: list[_Identity], **options: Any) -> str:
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for i in ids:
-        h.update(i.name.encode("utf-8", "surrogateescape") + b"\0")
+        h.update(i.name.encode("utf-8", "surrogateescape") + b"\0" + str(i.label).encode() + b"\0")
         for f in i.files:
             h.update(f.encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()
@@ -307,6 +307,7 @@ class _ShardTask:
     quality: int
     label_base: int
     num_labels: int
+    digest: str = ""  # of this shard's identities, labels, files and the options
 
 
 def _partial(p: str) -> str:
@@ -387,7 +388,8 @@ def _write_shard(task: _ShardTask, images: Iterable[tuple[int, str, bytes | None
     labels = arrays["labels"]
     stats["empty"] = [i.name for i in task.identities if i.label not in labels_seen]
     st_rec, st_idx = os.stat(task.rec), os.stat(task.idx)
-    rec = {"version": _STATE_VERSION, "index": task.index, "rec": os.path.basename(task.rec),
+    rec = {"version": _STATE_VERSION, "index": task.index, "digest": task.digest,
+           "rec": os.path.basename(task.rec),
            "idx": os.path.basename(task.idx), "images": stats["images"],
            "classes": task.num_labels, "label_range": [task.label_base, task.label_base + task.num_labels - 1],
            "present_label_range": [int(labels.min()), int(labels.max())] if len(labels) else None,
@@ -434,6 +436,8 @@ def _kept_shard(task: _ShardTask) -> dict[str, Any] | None:
     try:
         with open(task.state) as f:
             rec = json.load(f)
+        if rec.get("digest") != task.digest:
+            return None  # the shard's input changed (a file removed, a boundary moved): redo it
         if (os.path.getsize(task.rec), os.path.getsize(task.idx)) != (rec["rec_bytes"], rec["idx_bytes"]):
             return None
         meta, _ = build_index([Source(task.rec, task.idx)], "auto")
@@ -513,22 +517,24 @@ def pack_folder(root: str | os.PathLike[str], rec_path: str | os.PathLike[str], 
     groups = _split(ids, n_shards)
     names = _shard_names(out, n_shards)
     state_dir = Path(f"{out}.pack")
-    digest = _plan_digest(ids, size=size, quality=quality, layout=layout, shards=n_shards,
-                          version=_STATE_VERSION)
+    options = dict(size=size, quality=quality, layout=layout, shards=n_shards, version=_STATE_VERSION)
+    # The options must match to resume; the input may change (e.g. a bad file removed): each
+    # finished shard is kept only if its own identities, labels and files are unchanged.
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
     plan_file = state_dir / "plan.json"
     if state_dir.is_dir() and plan_file.is_file():
         old = json.loads(plan_file.read_text())
-        if old.get("digest") != digest:
+        if old.get("digest") != digest or old.get("root") != str(root_p.resolve()):
             raise ValueError(
-                f"pack: {state_dir} holds an unfinished or finished pack of a different input or options "
-                f"(root {old.get('root')}); remove {state_dir} (and the old outputs) or pick another output")
+                f"pack: {state_dir} holds a pack of a different input folder or options "
+                f"(root {old.get('root')}, {old.get('options')}); remove {state_dir} (and the old "
+                "outputs) or pick another output")
     state_dir.mkdir(exist_ok=True)
-    _atomic_json(str(plan_file), {"digest": digest, "root": str(root_p.resolve()), "shards": n_shards,
-                                   "layout": layout, "size": size, "quality": quality})
+    _atomic_json(str(plan_file), {"digest": digest, "root": str(root_p.resolve()), "options": options})
     tasks = []
     for k, (grp, (rec, idx)) in enumerate(zip(groups, names)):
         tasks.append(_ShardTask(k, grp, str(rec), str(idx), str(state_dir / f"shard-{k:05d}.json"), layout,
-                                size, quality, grp[0].label, len(grp)))
+                                size, quality, grp[0].label, len(grp), _plan_digest(grp, **options)))
     done: dict[int, dict[str, Any]] = {}
     for t in tasks:
         kept = _kept_shard(t)
@@ -587,22 +593,38 @@ def _pack_one_parallel_decode(t: _ShardTask, workers: int, tick: Callable[[int],
 
 def _pack_shards_parallel(todo: list[_ShardTask], workers: int, tick: Callable[[int], None]
                           ) -> dict[int, dict[str, Any]]:
-    """One writer process per shard (at most ``workers`` at once); progress through a queue."""
+    """One writer process per shard (at most ``workers`` at once); progress through a queue.
+
+    When a shard fails, no new shard is started but the running ones finish (and are
+    kept for the resume), then the first error is raised. Ctrl-C stops everything at
+    once; the killed writers leave only ``*.partial`` files.
+    """
     global _PROGRESS
     ctx = mp.get_context("fork")
     _PROGRESS = ctx.Queue()
-    pool = ctx.Pool(min(workers, len(todo)))
+    n_proc = min(workers, len(todo))
+    pool = ctx.Pool(n_proc)
     out: dict[int, dict[str, Any]] = {}
+    error: BaseException | None = None
+    waiting = list(todo)
+    running: dict[int, Any] = {}
     try:
-        pending = {t.index: pool.apply_async(_shard_worker, (t,)) for t in todo}
-        while pending:
+        while waiting or running:
+            while waiting and len(running) < n_proc and error is None:
+                t = waiting.pop(0)
+                running[t.index] = pool.apply_async(_shard_worker, (t,))
+            if error is not None and not running:
+                break
             try:
                 while True:
                     tick(_PROGRESS.get(timeout=0.2))
             except queue.Empty:
                 pass
-            for k in [k for k, r in pending.items() if r.ready()]:
-                out[k] = pending.pop(k).get()  # re-raises a worker's error (naming its file)
+            for k in [k for k, r in running.items() if r.ready()]:
+                try:
+                    out[k] = running.pop(k).get()
+                except Exception as e:  # noqa: BLE001 - re-raised below, once the others finished
+                    error = error or e
         while True:
             try:
                 tick(_PROGRESS.get_nowait())
@@ -610,12 +632,13 @@ def _pack_shards_parallel(todo: list[_ShardTask], workers: int, tick: Callable[[
                 break
         pool.close()
     except BaseException:
-        pool.terminate()  # workers' partial shards stay *.partial and are redone on resume
+        pool.terminate()
         raise
     finally:
         pool.join()
         _PROGRESS = None
-    # A terminated worker cannot clean up; remove what it left (never final names).
+    if error is not None:
+        raise error
     return out
 
 

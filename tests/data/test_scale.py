@@ -122,6 +122,15 @@ def test_decompression_bomb_names_file_and_leaves_nothing_final(tmp_path: Path,
     out = tmp_path / "cli" / "t.rec"
     assert data_main(["pack", str(root), str(out), "--workers", "1", "--no-progress"]) == 2
     assert not out.exists()
+    # Sharded: the shards without the bomb finish and are kept; removing the file and running
+    # the same command again redoes only the shard that held it.
+    sh = tmp_path / "sh" / "t"
+    with pytest.raises(PackError, match="zz_bomb"):
+        pack_folder(root, sh, shards=4, workers=2, progress=False)
+    assert not sh.with_suffix(".json").exists() and not (tmp_path / "sh" / "t-00002-of-00004.rec").exists()
+    (root / "id002" / "zz_bomb.png").unlink()
+    s = pack_folder(root, sh, shards=4, workers=1, progress=False)
+    assert s.resumed_shards == 3 and len(FaceRecordDataset(sh.with_suffix(".json"))) == 14
 
 
 def test_ctrl_c_leaves_no_valid_looking_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,7 +190,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path: Path, workers: int) -> No
     again = pack_folder(root, out / "train", shards=3, workers=1, progress=False)
     assert again.resumed_shards == 3 and _files(out) == _files(ref)
     # Resuming with other options is refused instead of mixing two packs.
-    with pytest.raises(ValueError, match="different input or options"):
+    with pytest.raises(ValueError, match="different input folder or options"):
         pack_folder(root, out / "train", shards=3, workers=1, progress=False, quality=80)
 
 
