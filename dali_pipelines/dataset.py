@@ -351,7 +351,7 @@ class FaceRecordDataset:
         for s in self.sources:
             if not os.path.isfile(s.rec):
                 raise FileNotFoundError(f"{s.rec}: no such .rec file")
-        name = Path(self.path).stem
+        name = Path(self.path).name  # with its suffix: train.rec and train.json are different datasets
 
         def build() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             return build_index(self.sources, layout)

@@ -10,8 +10,8 @@ share one copy in the page cache and a warm open reads only a small JSON file.
 
 Layout of one cache entry (a directory)::
 
-    <base>/<dataset stem>-<key>/meta.json       format version, fingerprint, counts, layout
-    <base>/<dataset stem>-<key>/<array>.npy     one flat array each (see ``open_index``)
+    <base>/<dataset file name>-<key>/meta.json    format version, fingerprint, counts, layout
+    <base>/<dataset file name>-<key>/<array>.npy  one flat array each (see ``open_index``)
 
 ``key`` hashes the format version, the layout argument and every data file's
 absolute path, size, modification and change time (ns), inode number and a
@@ -137,7 +137,7 @@ def write_entry(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray])
 
 
 def _cleanup_stale(path: Path) -> None:
-    """Removes other entries of the same dataset stem (older data or format), best effort."""
+    """Removes other entries of the same dataset file name (older data), best effort."""
     stem = path.name.rsplit("-", 1)[0]
     for p in path.parent.glob(f"{stem}-*"):
         if p != path and p.is_dir() and len(p.name) == len(path.name):
@@ -163,7 +163,7 @@ def open_index(
     Args:
         sources: The dataset's files.
         layout: Layout argument (part of the key).
-        name: Dataset stem used in the entry's directory name.
+        name: Dataset file name (``train.rec``, ``train.json``) used in the entry's directory name.
         build: Returns ``(meta, arrays)`` from the data files (the slow path).
         cache_dir: Explicit cache directory (else next to the data, then the user cache).
 

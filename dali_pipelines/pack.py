@@ -648,7 +648,7 @@ def _finish(out: Path, state_dir: Path, tasks: list[_ShardTask], records: list[d
     for t in tasks:
         _remove(_partial(t.rec), _partial(t.idx))
     sources = [Source(t.rec, t.idx) for t in tasks]
-    name = out.name
+    name = out.with_suffix(".json" if sharded else ".rec").name  # what opening the result uses
     if sharded:
         manifest = {
             "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "name": name, "layout": layout,
@@ -685,8 +685,7 @@ def _store_cache(sources: list[Source], state_dir: Path, tasks: list[_ShardTask]
                             "label_max": int(p["labels"].max())} for s, p in zip(sources, parts)],
                 "fingerprint": index_cache.fingerprint(sources, "auto")}
         # Stored under the key an open of the result computes (default layout "auto").
-        stem = name
-        path = index_cache.entry_path(sources, "auto", stem)
+        path = index_cache.entry_path(sources, "auto", name)
         if not path.exists():
             index_cache.write_entry(path, meta, arrays)
     except (OSError, ValueError):

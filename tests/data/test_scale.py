@@ -270,7 +270,7 @@ def test_cache_reused_rebuilt_on_change_never_stale(tmp_path: Path, monkeypatch:
     # Same size, new labels: rewritten in place within the same timestamp tick is still seen.
     _write_plain(rec, [3, 1, 2, 0])
     assert FaceRecordDataset(rec).labels.tolist() == [3, 1, 2, 0]
-    assert len(list((tmp_path / ".pfc-index").glob("c-*"))) == 1  # the stale entry was removed
+    assert len(list((tmp_path / ".pfc-index").glob("c.rec-*"))) == 1  # the stale entry was removed
     # A different .idx (fewer records) changes the key too.
     idx = rec.with_suffix(".idx")
     idx.write_text("".join(idx.read_text().splitlines(keepends=True)[:2]))
@@ -379,3 +379,20 @@ def test_jpeg_geometry_agrees_with_pil() -> None:
         with Image.open(io.BytesIO(buf.getvalue())) as back:
             assert jpeg_geometry(buf.getvalue()) == (*back.size, len(back.getbands()))
     assert jpeg_geometry(b"\xff\xd8 not really") is None and jpeg_geometry(b"PNG") is None
+
+
+def test_pack_writes_the_index_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dali_pipelines import dataset as dataset_mod
+
+    root = _tree(tmp_path / "faces", ids=6)
+    pack_folder(root, tmp_path / "o" / "t", shards=2, workers=1, progress=False)
+    pack_folder(root, tmp_path / "o" / "p.rec", layout="plain", workers=1, progress=False)
+
+    def boom(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("the first open re-read the data although pack stored the cache")
+
+    monkeypatch.setattr(dataset_mod, "build_index", boom)
+    a = FaceRecordDataset(tmp_path / "o" / "t.json")
+    b = FaceRecordDataset(tmp_path / "o" / "p.rec")
+    assert np.array_equal(a.labels, b.labels) and a.cache_path != b.cache_path
+    assert not list((tmp_path / "o" / "t.pack").glob("*.arrays"))  # writer arrays cleaned up
