@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(generate_synthetic_dataset(args.out, cfg, workers=args.workers,
                                                         progress=not args.no_progress)))
             return 0
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # bad input, PackError, RecordIOError, unreadable paths
         print(f"error: {e}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)  # argparse restricts the choices

@@ -214,6 +214,7 @@ def test_corrupt_shard_names_shard_and_offset(tmp_path: Path) -> None:
     root = _tree(tmp_path / "faces", ids=9)
     pack_folder(root, tmp_path / "sh" / "t", shards=3, workers=1, progress=False)
     FaceRecordDataset(tmp_path / "sh" / "t.json")  # cache built
+    assert data_main(["pack", "--verify", str(tmp_path / "sh" / "t.json")]) == 0
     bad = tmp_path / "sh" / "t-00001-of-00003.rec"
     _, offs = read_index(bad.with_suffix(".idx"))
     data = bytearray(bad.read_bytes())
