@@ -178,6 +178,7 @@ def open_index(
         hit = _load_entry(base / f"{name}-{key}", fp)
         if hit is not None:
             return hit[0], hit[1], base / f"{name}-{key}"
+    built: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
     for base in bases:
         path = base / f"{name}-{key}"
         try:
@@ -192,8 +193,9 @@ def open_index(
                 pass  # no flock on this file system: build-own-and-rename still keeps it valid
             hit = _load_entry(path, fp)
             if hit is None:
-                meta, arrays = build()
-                meta = dict(meta, fingerprint=fp)
+                if built is None:  # built once, even if the first base turns out not writable
+                    built = build()
+                meta, arrays = dict(built[0], fingerprint=fp), built[1]
                 try:
                     won = write_entry(path, meta, arrays)
                 except OSError:
@@ -206,7 +208,7 @@ def open_index(
             return hit[0], hit[1], path
         finally:
             lock.close()
-    meta, arrays = build()
+    meta, arrays = built if built is not None else build()
     return dict(meta, fingerprint=fp), arrays, None
 
 
