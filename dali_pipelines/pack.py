@@ -52,7 +52,6 @@ from .dataset import (
     INSIGHTFACE_MAX_RECORDS,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
-    FaceRecordDataset,
     InsightFaceWriter,
     build_index,
     read_manifest,
@@ -340,13 +339,11 @@ def _write_shard(task: _ShardTask, images: Iterable[tuple[int, str, bytes | None
     ok = False
     try:
         key = 0
-        last = task.label_base - 1
         pending = 0
         for label, path, data, converted, reason in images:
             if isinstance(writer, InsightFaceWriter):
                 while writer.num_classes < label:  # identities whose files all failed
                     writer.add_empty_class()
-            last = label
             pending += 1
             if pending >= 256:
                 tick(pending)
@@ -363,7 +360,6 @@ def _write_shard(task: _ShardTask, images: Iterable[tuple[int, str, bytes | None
             stats["images"] += 1
             stats["resized"] += int(converted)
         tick(pending)
-        del last
         if isinstance(writer, InsightFaceWriter):
             while writer.num_classes < task.label_base + task.num_labels:
                 writer.add_empty_class()
@@ -816,5 +812,5 @@ def _check_tiling(tag: str, arrays: dict[str, np.ndarray], size: int, problems: 
         problems.append(f"{tag}: the last record ends at offset {int(end[-1])} but the file has {size} bytes")
 
 
-__all__ = ["PackError", "PackSummary", "VerifyReport", "pack_folder", "prepare_image", "verify_dataset",
-           "FaceRecordDataset"]
+__all__ = ["PackError", "PackSummary", "VerifyReport", "jpeg_geometry", "pack_folder", "prepare_image",
+           "verify_dataset"]
