@@ -248,6 +248,8 @@ def _build_one(src: Source, layout: Layout) -> tuple[dict[str, Any], dict[str, n
             pos = None if bool((offsets[1:] > offsets[:-1]).all()) else np.argsort(offsets, kind="stable")
         image_keys = keys if pos is None else keys[pos]
         image_offsets = offsets if pos is None else offsets[pos]
+        if len(image_keys) == 0:
+            raise RecordIOError(f"{src.rec}: the file holds no image records")
         labels_f, start, length = _scan_headers(reader, image_offsets)
         _check_labels(src.rec, image_keys, image_offsets, labels_f, num_classes)
         labels = labels_f.astype(np.int64)

@@ -371,10 +371,20 @@ def _write_shard(task: _ShardTask, images: Iterable[tuple[int, str, bytes | None
             _remove(rec_tmp, idx_tmp)
     try:
         # Verify before the shard becomes final: every header re-read, counts must match.
-        meta, arrays = build_index([Source(rec_tmp, idx_tmp)], "auto")
+        if stats["images"]:
+            meta, arrays = build_index([Source(rec_tmp, idx_tmp)], "auto")
+        else:  # every file of the shard was skipped: nothing to read back
+            meta = {"num_images": 0, "layout": task.layout}
+            arrays = {k: np.zeros(0, np.int64) for k in ("keys", "offsets", "data_start", "data_len", "labels")}
         if meta["num_images"] != stats["images"]:
             raise PackError(f"{task.rec}: verification read {meta['num_images']} image records, "
                             f"{stats['images']} were written")
+        for f in (rec_tmp, idx_tmp):  # on disk before the names say "complete"
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         # The .idx first: a .rec without its .idx would open by scanning, an .idx alone never.
         os.replace(idx_tmp, task.idx)
         os.replace(rec_tmp, task.rec)
@@ -436,6 +446,8 @@ def _kept_shard(task: _ShardTask) -> dict[str, Any] | None:
             return None  # the shard's input changed (a file removed, a boundary moved): redo it
         if (os.path.getsize(task.rec), os.path.getsize(task.idx)) != (rec["rec_bytes"], rec["idx_bytes"]):
             return None
+        if rec["images"] == 0:
+            return rec
         meta, _ = build_index([Source(task.rec, task.idx)], "auto")
     except (OSError, ValueError, KeyError):
         return None
