@@ -142,6 +142,12 @@ def _cleanup_stale(path: Path) -> None:
     for p in path.parent.glob(f"{stem}-*"):
         if p != path and p.is_dir() and len(p.name) == len(path.name):
             shutil.rmtree(p, ignore_errors=True)
+    for p in path.parent.glob(f".{stem}-*.lock"):
+        if p.name != f".{path.name}.lock" and len(p.name) == len(path.name) + 6:
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
 
 def entry_path(sources: Sequence[Source], layout: str, name: str,

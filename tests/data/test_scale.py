@@ -276,9 +276,19 @@ def test_cache_reused_rebuilt_on_change_never_stale(tmp_path: Path, monkeypatch:
     idx = rec.with_suffix(".idx")
     idx.write_text("".join(idx.read_text().splitlines(keepends=True)[:2]))
     assert FaceRecordDataset(rec).labels.tolist() == [3, 1]
-    # Read-only data directory: the cache goes to cache_dir.
+    assert len(list((tmp_path / ".pfc-index").glob(".c.rec-*.lock"))) == 1  # old lock files go too
+    # An explicit cache_dir; a data directory where no cache can be written falls back to
+    # $PFC_INDEX_CACHE.
     ds2 = FaceRecordDataset(rec, cache_dir=tmp_path / "elsewhere")
     assert ds2.cache_path is not None and ds2.cache_path.parent == tmp_path / "elsewhere"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _write_plain(ro / "r.rec", [1, 0])
+    (ro / ".pfc-index").write_text("not a directory")  # mkdir fails here, as on a read-only mount
+    monkeypatch.setenv("PFC_INDEX_CACHE", str(tmp_path / "home"))
+    ds3 = FaceRecordDataset(ro / "r.rec")
+    assert ds3.cache_path is not None and ds3.cache_path.parent == tmp_path / "home"
+    assert ds3.labels.tolist() == [1, 0]
 
 
 def _open_in_child(args: tuple[str, float]) -> list[int]:
