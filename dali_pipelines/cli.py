@@ -67,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.verify is not None:
                 if args.root is not None:
                     raise ValueError("pack --verify DATASET takes no ROOT/OUT")
+                if not args.verify.is_file():
+                    raise ValueError(f"pack --verify: {args.verify} does not exist (a .rec or a shard .json)")
                 report = verify_dataset(args.verify)
                 print(report.format())
                 return 0 if report.ok else 1
