@@ -374,9 +374,11 @@ class FaceRecordDataset:
         self.image_keys = arrays["keys"]
         self.image_offsets = arrays["offsets"]
         self.labels = arrays["labels"]
-        self._data_start = arrays["data_start"]
-        self._data_len = arrays["data_len"]
-        self._shard = arrays.get("shard")
+        # Plain ndarray views of the same maps for the per-image path (np.memmap's
+        # Python-level __getitem__ costs ~1 us per scalar read).
+        self._data_start = arrays["data_start"].view(np.ndarray)
+        self._data_len = arrays["data_len"].view(np.ndarray)
+        self._shard = arrays["shard"].view(np.ndarray) if "shard" in arrays else None
         # A private, writable copy ([C] int64, 16 MB at 2M classes): the head wraps it in a tensor.
         self.class_counts = np.array(arrays["class_counts"], dtype=np.int64)
         self.identity_ranges = arrays.get("identity_ranges")
