@@ -134,8 +134,17 @@ def _result(p: subprocess.Popen, timeout: float = 1800) -> dict:
 
 def bench_pack(dir_: Path, n: int, per_id: int = 20) -> dict:
     """Packs a generated tree of ``n`` 112x112 JPEGs with one worker; images/s per core."""
+    import io
+
+    from PIL import Image
+
     from dali_pipelines.pack import pack_folder
-    from tests.data.conftest import make_jpeg
+
+    def make_jpeg(seed: int) -> bytes:  # a smooth random 112x112 face-sized JPEG (~2-4 KB)
+        small = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(small).resize((112, 112), Image.BILINEAR).save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
 
     tree = dir_ / f"tree-{n}"
     if not (tree / ".complete").exists():

@@ -407,3 +407,16 @@ def test_pack_writes_the_index_cache(tmp_path: Path, monkeypatch: pytest.MonkeyP
     b = FaceRecordDataset(tmp_path / "o" / "p.rec")
     assert np.array_equal(a.labels, b.labels) and a.cache_path != b.cache_path
     assert not list((tmp_path / "o" / "t.pack").glob("*.arrays"))  # writer arrays cleaned up
+
+
+def test_data_scale_benchmark_smoke(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_data_scale", REPO / "benchmarks" / "bench_data_scale.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rec = tmp_path / "s.rec"
+    bench.write_synthetic_plain(rec, 1000, 50, chunk=300)
+    res = bench._measure("order", str(rec), 1, 2, 8, 0.0)
+    assert res["images"] == 1000 and res["classes"] == 50 and res["order_len"] == 496 and res["memmap"]
+    pk = bench.bench_pack(tmp_path, 45, per_id=10)
+    assert pk["images"] == 45 and pk["images_per_s_1_worker"] > 0
