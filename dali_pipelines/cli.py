@@ -52,6 +52,15 @@ def build_parser(prog: str = "python -m dali_pipelines") -> argparse.ArgumentPar
     s.add_argument("--quality", type=int, default=90, help="JPEG quality")
     s.add_argument("--difficulty", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                    help="identity difficulty range (default 0 1)")
+    s.add_argument("--family-size", type=int, default=1, help="identities per look-alike family block (1 = none)")
+    s.add_argument("--family-fraction", type=float, default=0.5, help="probability that a block is a family")
+    s.add_argument("--family-share", type=float, default=0.8, help="fraction of parameters family members share")
+    s.add_argument("--sizes", choices=("fixed", "powerlaw"), default="fixed",
+                   help="training images per identity: fixed (--images) or a power law on [--images-min, --images-max]")
+    s.add_argument("--images-min", type=int, default=2, help="smallest power-law class size")
+    s.add_argument("--images-max", type=int, default=200, help="largest power-law class size")
+    s.add_argument("--size-exponent", type=float, default=1.0, help="a of p(n) ~ n^-a (1 = log-uniform)")
+    s.add_argument("--probe-images", type=int, default=0, help="extra images per training identity (probe.rec)")
     s.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -93,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ver_pairs=args.ver_pairs, cluster_identities=args.cluster_identities,
                 cluster_images_per_identity=args.cluster_images, image_size=args.size,
                 seed=args.seed, jpeg_quality=args.quality, difficulty_range=tuple(args.difficulty),
+                family_size=args.family_size, family_fraction=args.family_fraction,
+                family_share=args.family_share, size_distribution=args.sizes, images_min=args.images_min,
+                images_max=args.images_max, size_exponent=args.size_exponent,
+                probe_images_per_identity=args.probe_images,
             )
             print(json.dumps(generate_synthetic_dataset(args.out, cfg, workers=args.workers,
                                                         progress=not args.no_progress)))

@@ -222,6 +222,8 @@ class DaliRecordLoader(TrainLoader):
     """
 
     kind = "dali"
+    #: Prefetch queue depth of the training pipeline (batches decoded ahead of the one returned).
+    _PREFETCH = 2
 
     def __init__(self, dataset: FaceRecordDataset, *, num_threads: int = 2, strict: bool = False,
                  gpu_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -287,10 +289,13 @@ class DaliRecordLoader(TrainLoader):
                 feeder, batch_size=self.batch_size, num_threads=self.num_threads,
                 device_id=self.device_id, image_size=self.image_size,
                 fp16=self.dtype == torch.float16, hwc=hwc, seed=self.seed,
-                gpu_options=self.gpu_options,
+                gpu_options=self.gpu_options, prefetch=self._PREFETCH,
             )
-            it = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False)
+            it = None
             try:
+                # Inside the try: building the iterator prefetches (decodes) the first batches,
+                # so a corrupt image there must take the same skip-or-raise path as later ones.
+                it = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False)
                 while True:
                     try:
                         out = next(it)
@@ -307,9 +312,11 @@ class DaliRecordLoader(TrainLoader):
             except (RuntimeError, ValueError) as e:
                 if isinstance(e, CorruptImageError):
                     raise
-                # DALI's decoder failed on batch `done`: find the culprit(s) with PIL,
-                # then rebuild the pipeline from that batch with them substituted.
-                failed = idx[done * self.batch_size : (done + 1) * self.batch_size]
+                # DALI's decoder failed on batch `done` or on one it prefetched after it: find
+                # the culprit(s) with PIL, then rebuild the pipeline from batch `done` with them
+                # substituted.
+                ahead = done + 1 + self._PREFETCH
+                failed = idx[done * self.batch_size : min(ahead, n_batches) * self.batch_size]
                 if not self._find_bad(failed):
                     raise
             finally:
