@@ -18,12 +18,24 @@ def build_parser(prog: str = "python -m dali_pipelines") -> argparse.ArgumentPar
     parser = argparse.ArgumentParser(prog=prog, description="partial-fc data tools")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pack", help="image folder tree (one sub-folder per identity) -> .rec/.idx")
-    p.add_argument("root", type=Path, help="folder with one sub-folder of images per identity")
-    p.add_argument("out", type=Path, help="output .rec path (the .idx is written next to it)")
+    p = sub.add_parser("pack", help="image folder tree (one sub-folder per identity) -> .rec/.idx (or shards)",
+                       description="Packs ROOT/<identity>/<images> into RecordIO. Re-running the same "
+                                   "command resumes an interrupted pack (finished shards are verified and "
+                                   "kept). `pack --verify DATASET` checks a packed .rec or shard manifest.")
+    p.add_argument("root", type=Path, nargs="?", help="folder with one sub-folder of images per identity")
+    p.add_argument("out", type=Path, nargs="?",
+                   help="output .rec path (the .idx is written next to it); with --shards the output "
+                        "stem: OUT-00000-of-0000N.rec/.idx and the manifest OUT.json")
     p.add_argument("--size", type=int, default=112, help="output side in pixels (default 112)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="write N shards in plain layout, one writer process per shard, plus OUT.json")
+    p.add_argument("--layout", choices=("auto", "insightface", "plain"), default="auto",
+                   help="auto (default): insightface for one file below 2^24 records, else plain")
+    p.add_argument("--verify", type=Path, default=None, metavar="DATASET",
+                   help="re-read every record header of DATASET (.rec or shard .json) and report; "
+                        "nothing is decoded or written")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("synth", help="deterministic synthetic identity dataset")
@@ -59,10 +71,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "pack":
-            from .pack import pack_folder
+            from .pack import pack_folder, verify_dataset
 
-            summary = pack_folder(args.root, args.out, size=args.size, quality=args.quality,
-                                  workers=args.workers, progress=not args.no_progress)
+            if args.verify is not None:
+                if args.root is not None:
+                    raise ValueError("pack --verify DATASET takes no ROOT/OUT")
+                if not args.verify.is_file():
+                    raise ValueError(f"pack --verify: {args.verify} does not exist (a .rec or a shard .json)")
+                report = verify_dataset(args.verify)
+                print(report.format())
+                return 0 if report.ok else 1
+            if args.root is None or args.out is None:
+                raise ValueError("pack needs ROOT and OUT (or --verify DATASET)")
+            try:
+                summary = pack_folder(args.root, args.out, size=args.size, quality=args.quality,
+                                      workers=args.workers, progress=not args.no_progress,
+                                      layout=args.layout, shards=args.shards)
+            except KeyboardInterrupt:
+                print("pack interrupted: finished shards are kept, nothing partial looks complete; "
+                      "run the same command again to resume", file=sys.stderr)
+                return 130
             print(summary.format())
             return 0 if summary.images else 1
         if args.command == "synth":
@@ -82,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(generate_synthetic_dataset(args.out, cfg, workers=args.workers,
                                                         progress=not args.no_progress)))
             return 0
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # bad input, PackError, RecordIOError, unreadable paths
         print(f"error: {e}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)  # argparse restricts the choices

@@ -4,7 +4,7 @@ Every subcommand is a ``main(argv) -> int`` function, callable from tests::
 
     pfc train   [--config RECIPE] [--set section.key=value ...]   train (under torchrun/Slurm or alone)
     pfc synth   [--config RECIPE] [--set ...] | --out DIR ...      make the synthetic identity dataset
-    pfc pack    ROOT OUT.rec                                       image folders -> RecordIO
+    pfc pack    ROOT OUT.rec [--shards N] | --verify DATASET       image folders -> RecordIO (resumable)
     pfc eval    ...                                                verification / clustering / report
     pfc export  --checkpoint DIR [--onnx]                          backbone -> state dict (+ ONNX)
     pfc plan    ...                                                per-rank memory plan

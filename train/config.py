@@ -374,8 +374,8 @@ class DataConfig(_Section):
         kind: ``"dali"`` (NVIDIA DALI reading RecordIO), ``"torch"`` (a torch DataLoader over the
             same RecordIO) or ``"synthetic"`` (random tensors made on the fly, no files: smoke and
             throughput tests; ``synth.identities`` classes, ``synth.num_samples`` per epoch).
-        train_rec: Path of the training ``.rec``; its ``.idx`` must sit next to it. Required
-            unless ``kind = "synthetic"``.
+        train_rec: Path of the training ``.rec`` (its ``.idx`` next to it) or of a shard manifest
+            ``.json`` (``pfc pack --shards``). Required unless ``kind = "synthetic"``.
         batch_size: Images per rank per step (the global batch is this times the world size).
         num_workers: DataLoader worker processes (``kind = "torch"``).
         dali_threads: DALI CPU threads per rank (``kind = "dali"``).
@@ -417,8 +417,9 @@ class DataConfig(_Section):
             if not self.train_rec:
                 self._fail("train_rec", f"is required with data.kind = {self.kind!r} (the path of a "
                                         "RecordIO .rec file), or set data.kind = \"synthetic\"")
-            if not self.train_rec.endswith(".rec"):
-                self._fail("train_rec", f"must name a .rec file (its .idx next to it), got {self.train_rec!r}")
+            if not self.train_rec.endswith((".rec", ".json")):
+                self._fail("train_rec", "must name a .rec file (its .idx next to it) or a shard manifest "
+                                        f".json written by `pfc pack --shards`, got {self.train_rec!r}")
         self._min("batch_size", 1)
         self._min("num_workers", 0)
         self._min("dali_threads", 1)
