@@ -129,3 +129,16 @@ def test_keep_as_best_survives_retention(tmp_path):
     _, (head, *_rest) = _load(tmp_path / "best")
     assert torch.equal(head.weight.detach(), kept)
     assert json.loads((tmp_path / "best" / "manifest.json").read_text())["step"] == 2
+
+
+def test_keep_best_key_lookup():
+    from train.trainer import _lookup_eval
+
+    results = {"verification": {"accuracy": 0.91, "tar": {"0.001": 0.5, "0.0001": 0.25}, "step": 4}}
+    assert _lookup_eval(results, "verification/accuracy") == 0.91
+    assert _lookup_eval(results, "verification/tar/1e-4") == 0.25  # FAR targets match as numbers
+    assert _lookup_eval({}, "verification/accuracy") != _lookup_eval({}, "verification/accuracy")  # nan: no eval here
+    with pytest.raises(ValueError, match="there are: verification/accuracy, verification/tar/0.001"):
+        _lookup_eval(results, "lfw/accuracy")
+    with pytest.raises(ValueError, match="names a group"):
+        _lookup_eval(results, "verification/tar")
