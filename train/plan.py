@@ -1,4 +1,5 @@
-"""``pfc plan``: per-rank memory and all-gather volume of a Partial FC job, and whether it fits.
+"""The text table of a per-rank memory plan (:func:`format_plan`); ``pfc plan`` prints it
+(its options: train/cli/plan.py).
 
 Example::
 
@@ -8,10 +9,9 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 from typing import Optional, Sequence
 
-from partial_fc.planner import BACKBONE_TABLE, DTYPE_BYTES, GIB, MemoryPlan, PlanConfig, plan_memory
+from partial_fc.planner import GIB, MemoryPlan
 
 __all__ = ["main", "format_plan"]
 
@@ -48,36 +48,12 @@ def format_plan(plan: MemoryPlan) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parses flags, prints the plan; returns 0 when it fits (or no memory was given), else 1."""
-    p = argparse.ArgumentParser(prog="pfc plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classes", type=int, required=True, help="number of identities")
-    p.add_argument("--embedding-size", type=int, default=512)
-    p.add_argument("--world-size", type=int, default=8)
-    p.add_argument("--sample-rate", type=float, default=1.0)
-    p.add_argument("--batch", type=int, default=128, help="samples per rank per micro-step")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp32", help="activation dtype")
-    p.add_argument("--backbone", default="none", help=f"one of {sorted(BACKBONE_TABLE)} or 'none'")
-    p.add_argument("--method", default="arcface")
-    p.add_argument("--con-sample-rate", type=float, default=None,
-                   help="head.con_sample_rate: the Con term's own sample rate (default: the CE's sample)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    p.add_argument("--row-update", choices=["lazy", "dense"], default="lazy")
-    p.add_argument("--overhead-gib", type=float, default=0.0, help="framework / CUDA context per rank")
-    p.add_argument("--gpu-memory-gib", type=float, default=None, help="device memory for the fits verdict")
-    args = p.parse_args(list(argv) if argv is not None else None)
-    try:
-        cfg = PlanConfig(
-            num_classes=args.classes, embedding_size=args.embedding_size, world_size=args.world_size,
-            sample_rate=args.sample_rate, batch=args.batch, dtype=args.dtype,
-            backbone=None if args.backbone in ("none", "") else args.backbone, method=args.method,
-            optimizer=args.optimizer, row_update=args.row_update, con_sample_rate=args.con_sample_rate,
-            overhead_gib=args.overhead_gib, gpu_memory_gib=args.gpu_memory_gib,
-        )
-    except ValueError as e:
-        p.error(str(e))
-    plan = plan_memory(cfg)
-    print(format_plan(plan))
-    return 0 if plan.fits in (None, True) else 1
+    """``pfc plan ARGV`` (the parser lives in train/cli/plan.py); 0 when it fits, else 1."""
+    import sys
+
+    from .cli import main as pfc
+
+    return pfc(["plan", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

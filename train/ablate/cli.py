@@ -1,5 +1,6 @@
-"""``pfc ablate``'s command line: :func:`add_arguments` (the options, on any parser), :func:`run`
-(a parsed namespace -> a study -> exit code) and :func:`main` (both, for ``pfc ablate ARGS``).
+"""``pfc ablate``'s command line: :func:`add_arguments` (the options, on any parser or argument
+group), :func:`run` (a parsed namespace -> a study -> exit code) and :func:`main` (``pfc ablate ARGS``
+through the ``pfc`` tree, train/cli/).
 
 Command-line options override a spec file's (``--spec``) values; see :mod:`train.ablate` for usage.
 """
@@ -14,14 +15,11 @@ from typing import Any, Optional, Sequence
 
 from .spec import QUICK, StudySpec, Variant, load_spec, parse_variants
 
-__all__ = ["DESCRIPTION", "add_arguments", "run", "main"]
-
-#: The ``--help`` description of ``pfc ablate``.
-DESCRIPTION = "Train and evaluate the ablation variants on the synthetic dataset (CPU)."
+__all__ = ["add_arguments", "run", "main"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Adds every option of ``pfc ablate`` to ``p`` (a parser of its own or a subparser)."""
+    """Adds every option of ``pfc ablate`` to ``p`` (a parser, a subparser or an argument group)."""
     p.add_argument("--out", required=True, type=Path, help="output directory (results.json, table.md, runs/, data/)")
     p.add_argument("--spec", type=Path, default=None,
                    help="a study spec TOML (dataset, budget, protocol, variants, seeds, jobs; e.g. "
@@ -115,8 +113,8 @@ def run(args: argparse.Namespace, *, command: Optional[str] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``pfc ablate ARGS`` (``argv`` is ARGS, without ``ablate``). Returns the exit code."""
-    p = argparse.ArgumentParser(prog="pfc ablate", description=DESCRIPTION)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    return run(args, command="pfc ablate " + " ".join(argv if argv is not None else sys.argv[1:]))
+    """``pfc ablate ARGS`` (``argv`` is ARGS, without ``ablate``): parsed by the ``pfc`` tree
+    (train/cli/ablate.py adds :func:`add_arguments`, calls :func:`run`). Returns the exit code."""
+    from ..cli import main as pfc
+
+    return pfc(["ablate", *(sys.argv[1:] if argv is None else argv)])
