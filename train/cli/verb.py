@@ -42,12 +42,18 @@ class Verb:
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """argparse's formatter, except that a multi-line text (the examples) keeps its lines."""
+    """argparse's formatter, except that a multi-line text (the examples) keeps its lines and
+    that option names are never split at their hyphens."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         if "\n" in text:
             return textwrap.indent(text, indent)
-        return super()._fill_text(text, width, indent)
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.fill(text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, width, break_on_hyphens=False)
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, title: str = "recipe"):
