@@ -145,7 +145,7 @@ def test_dockerfile_copies_what_the_package_needs_and_dockerignore_keeps_it():
         return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, p.removeprefix("**/"))
                    or path.startswith(p.rstrip("/") + "/") for p in patterns)
 
-    for needed in ["setup.py", "README.md", "train/cli.py", "train/recipes/cpu_demo.toml", "partial_fc/head.py",
+    for needed in ["setup.py", "README.md", "train/cli/__init__.py", "train/recipes/cpu_demo.toml", "partial_fc/head.py",
                    "dali_pipelines/dali.py", "launch/torchrun.sh", "launch/lib.sh", "launch/slurm/train.sbatch"]:
         assert (REPO / needed).is_file() and not ignored(needed), needed
     for junk in [".venv/bin/python", ".git/HEAD", "runs/x/checkpoints/a.pt", "data/synth/train.rec",
