@@ -1,4 +1,4 @@
-"""`python -m train <command>`: the same as the `pfc` console script."""
+"""`python -m train <verb>`: the same as the `pfc` console script (train/cli/)."""
 
 from .cli import main
 
