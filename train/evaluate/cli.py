@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--config", default=None,
                      help="the run's config.toml for the head statistics (default: found above the checkpoint)")
     data = p.add_argument_group("data (at least one)")
-    data.add_argument("--bin", nargs="+", default=[], metavar="FILE", help="LFW-layout .bin pair sets")
+    data.add_argument("--bin", nargs="+", default=[], metavar="FILE|DIR",
+                      help="LFW-layout .bin pair sets, or a folder: every *.bin in it, reported in the usual "
+                           "order (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW, then the others by name)")
     data.add_argument("--templates", help="template list: lines 'TEMPLATE IMAGE LABEL [MEDIA]'")
     data.add_argument("--template-pairs", help="template pairs: lines 'TEMPLATE1 TEMPLATE2 LABEL(0/1)'")
     data.add_argument("--template-images",
@@ -60,10 +62,16 @@ def _parser() -> argparse.ArgumentParser:
                            "protocol generated from cluster.rec, and reports results by identity difficulty")
     opt = p.add_argument_group("options")
     opt.add_argument("--out", required=True, help="output directory for report.md, metrics.json and PNGs")
-    opt.add_argument("--flip", action="store_true", help="flip-test fusion: embed image + mirror, sum, normalise")
+    opt.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                     help="flip-test fusion: embed image + mirror, sum, normalise (default: on, as in training-time "
+                          "evaluation and the published tables; --no-flip turns it off)")
     opt.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (torch models; ONNX runs on CPU)")
     opt.add_argument("--batch-size", type=int, default=128)
-    opt.add_argument("--image-size", type=int, default=112, help="input side of torch models (ONNX: from the file)")
+    opt.add_argument("--image-size", type=int, default=None,
+                     help="input side of torch models (default 112; ONNX: from the file, this when it is not fixed)")
+    opt.add_argument("--input-mean", type=float, default=None,
+                     help="ONNX files without our metadata only: the model's input is (x - MEAN) / STD on RGB pixels")
+    opt.add_argument("--input-std", type=float, default=None, help="see --input-mean")
     opt.add_argument("--folds", type=int, default=10, help="folds of the accuracy protocol")
     opt.add_argument("--cluster-sizes", default=None,
                      help="comma-separated identity counts of the clustering subsets (default: 1/4, 1/2, all)")
@@ -88,6 +96,40 @@ def _file(path: Optional[str], what: str) -> Optional[Path]:
     if not p.exists():
         raise _InputError(f"{what} {p} does not exist")
     return p
+
+
+#: The order published tables use for the five standard pair sets (file stems as distributed).
+BIN_ORDER = ("lfw", "cfp_fp", "agedb_30", "calfw", "cplfw")
+
+
+def _bin_key(path: Path) -> tuple:
+    stem = path.stem.lower()
+    return (BIN_ORDER.index(stem), "") if stem in BIN_ORDER else (len(BIN_ORDER), stem)
+
+
+def _bin_files(items: Sequence[str]) -> list[Path]:
+    """``--bin`` arguments as files: a folder stands for its ``*.bin`` files, in the usual order."""
+    out: list[Path] = []
+    for item in items:
+        p = _file(item, "--bin file")
+        if p.is_dir():
+            found = sorted(p.glob("*.bin"), key=_bin_key)
+            if not found:
+                raise _InputError(f"--bin folder {p} holds no .bin file")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def _bin_table(evals, flip: bool, folds: int = 10) -> str:
+    """One plain-text table of the pair sets' accuracies, in the order evaluated."""
+    rows = [f"[pfc eval] pair sets ({folds}-fold accuracy, flip {'on' if flip else 'off'}):",
+            f"  {'set':<16} {'pairs':>7} {'accuracy':>9} {'std':>7}"]
+    for pe in evals:
+        r = pe.result
+        rows.append(f"  {r.name:<16} {r.num_pairs:>7} {100 * r.accuracy:>8.2f}% {100 * r.accuracy_std:>6.2f}%")
+    return "\n".join(rows)
 
 
 def _sizes(text: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -189,9 +231,9 @@ def run(args) -> dict:
     from .templates import evaluate_templates, make_synthetic_template_protocol, read_template_list, read_template_pairs
     from .verification import verify_scores
 
-    if args.batch_size < 1 or args.folds < 2 or args.image_size < 8:
+    if args.batch_size < 1 or args.folds < 2 or (args.image_size is not None and args.image_size < 8):
         raise _InputError("--batch-size must be >= 1, --folds >= 2 and --image-size >= 8")
-    bins = [_file(b, "--bin file") for b in args.bin]
+    bins = _bin_files(args.bin)
     tmpl = [args.templates, args.template_pairs, args.template_images]
     if any(tmpl) and not all(tmpl):
         raise _InputError("template verification needs --templates, --template-pairs and --template-images together")
@@ -213,9 +255,11 @@ def run(args) -> dict:
     out = Path(args.out)
 
     t0 = time.perf_counter()
-    emb = load_embedder(checkpoint=args.checkpoint, weights=args.weights, onnx=args.onnx, device=args.device)
+    emb = load_embedder(checkpoint=args.checkpoint, weights=args.weights, onnx=args.onnx, device=args.device,
+                        input_mean=args.input_mean, input_std=args.input_std,
+                        image_size=args.image_size if args.onnx else None)
     if emb.kind != "onnx":
-        emb.image_size = args.image_size
+        emb.image_size = args.image_size or 112
     res = EvalResults(model=emb.describe(), flip=args.flip)
     res.seconds["load_model"] = time.perf_counter() - t0
 
@@ -236,6 +280,7 @@ def run(args) -> dict:
         print(f"[pfc eval] {result.summary()}", flush=True)
     if bins:
         res.seconds["verification"] = time.perf_counter() - t0
+        print(_bin_table(res.verification, args.flip, args.folds), flush=True)
 
     if args.synthetic and not all(tmpl):
         labels = ImageSource(cluster_rec).labels
@@ -287,6 +332,7 @@ def run(args) -> dict:
     else:
         res.concentration_note = (f"The model was given as {emb.kind} (backbone only); phi and margins live in a "
                                   "training checkpoint's head: pass --checkpoint to see them.")
+    res.model = emb.describe()  # the embedding size as the model's outputs showed it
     metrics = write_report(out, res)
     print(f"[pfc eval] report: {out / 'report.md'}  metrics: {out / 'metrics.json'}  "
           f"figures: {', '.join(metrics['figures'].values()) or 'none'}", flush=True)
