@@ -64,3 +64,69 @@ def loose_crop(face: np.ndarray, matrix: np.ndarray, canvas: tuple[int, int]) ->
                preserve_range=True)
     lm = ARCFACE_TEMPLATE_112 @ matrix[:, :2].T + matrix[:, 2]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8), lm
+
+
+def write_jpeg(path, img: np.ndarray, quality: int = 92) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, format="JPEG", quality=quality)
+
+
+def make_ijb_release(root, target: str = "IJBC", identities: int = 5, templates_per_identity: int = 3,
+                     seed: int = 0, max_impostors: int | None = None):
+    """An insightface-layout IJB release under ``root``: ``loose_crop/*.jpg`` (loose crops of
+    aligned synthetic faces, each warped by its own random similarity, landmarks moved with it),
+    ``meta/<t>_name_5pts_score.txt`` (landmarks and a detector score), ``meta/<t>_face_tid_mid.txt``
+    (several media per template, some with several frames) and ``meta/<t>_template_pair_label.txt``
+    (every genuine pair and the impostor pairs, shuffled).
+
+    Returns a dict with the truth: ``names``, ``landmarks [N, 5, 2]``, ``scores [N]``, ``tid [N]``,
+    ``mid [N]``, ``pairs [P, 3]``.
+    """
+    from pathlib import Path
+
+    root = Path(root)
+    t = target.lower()
+    rng = np.random.default_rng(seed)
+    names, lms, scores, tids, mids, owner = [], [], [], [], [], {}
+    tid, mid = 100, 5000
+    for ident in range(identities):
+        for _ in range(templates_per_identity):
+            tid += 1
+            owner[tid] = ident
+            for _m in range(int(rng.integers(1, 4))):
+                mid += 1
+                for _f in range(int(rng.integers(1, 3))):
+                    k = len(names)
+                    face = aligned_face(ident + 10 * seed, k)
+                    m, canvas = placed(rng.uniform(0.9, 1.8), rng.uniform(-30, 30),
+                                       (int(rng.integers(5, 40)), int(rng.integers(5, 40))))
+                    img, lm = loose_crop(face, m, canvas)
+                    name = f"{k + 1}.jpg"
+                    write_jpeg(root / "loose_crop" / name, img)
+                    names.append(name)
+                    lms.append(lm)
+                    scores.append(float(rng.uniform(0.3, 1.0)))
+                    tids.append(tid)
+                    mids.append(mid)
+    meta = root / "meta"
+    meta.mkdir(parents=True, exist_ok=True)
+    with open(meta / f"{t}_name_5pts_score.txt", "w") as f:
+        for n, lm, s in zip(names, lms, scores):
+            f.write(n + " " + " ".join(f"{v:.3f}" for v in lm.ravel()) + f" {s:.6f}\n")
+    with open(meta / f"{t}_face_tid_mid.txt", "w") as f:
+        for n, a, b in zip(names, tids, mids):
+            f.write(f"{n} {a} {b}\n")
+    ids = sorted(owner)
+    pairs = [(a, b, int(owner[a] == owner[b])) for i, a in enumerate(ids) for b in ids[i + 1:]]
+    if max_impostors is not None:
+        gen = [p for p in pairs if p[2]]
+        imp = [p for p in pairs if not p[2]]
+        pairs = gen + [imp[i] for i in rng.permutation(len(imp))[:max_impostors]]
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+    with open(meta / f"{t}_template_pair_label.txt", "w") as f:
+        f.writelines(f"{a} {b} {y}\n" for a, b, y in pairs)
+    return {"names": names, "landmarks": np.asarray(lms, np.float64).round(3),
+            "scores": np.asarray(scores).round(6), "tid": np.asarray(tids), "mid": np.asarray(mids),
+            "pairs": np.asarray(pairs, np.int64)}

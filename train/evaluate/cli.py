@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="where IMAGE points: a .rec (IMAGE = 0-based image position) or a directory (relative paths)")
     data.add_argument("--media-pooling", action="store_true",
                       help="average each medium's images before averaging a template's media")
+    data.add_argument("--ijb", metavar="ROOT",
+                      help="IJB-B/C 1:1 verification on the insightface release layout: ROOT holds loose_crop/ and "
+                           "meta/<t>_{name_5pts_score,face_tid_mid,template_pair_label}.txt")
+    data.add_argument("--ijb-target", choices=("IJBB", "IJBC"), type=str.upper, help="which IJB set ROOT is")
     data.add_argument("--clustering-rec", help="a labelled .rec whose images are clustered")
     data.add_argument("--synthetic", metavar="DIR",
                       help="a `pfc synth` dataset: uses its verification.bin, cluster.rec (clustering) and a template "
@@ -65,6 +69,20 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                      help="flip-test fusion: embed image + mirror, sum, normalise (default: on, as in training-time "
                           "evaluation and the published tables; --no-flip turns it off)")
+    ijb = p.add_argument_group("IJB-B/C 1:1 (--ijb); the defaults are the published recipe, N1 D1 F1")
+    ijb.add_argument("--ijb-align", action=argparse.BooleanOptionalAction, default=True,
+                     help="align each loose crop from its 5 landmarks (off: the images are aligned crops already)")
+    ijb.add_argument("--ijb-raw-norm", action=argparse.BooleanOptionalAction, default=True,
+                     help="keep each image feature's norm (N1); --no-ijb-raw-norm normalises each image (N0)")
+    ijb.add_argument("--ijb-detector-score", action=argparse.BooleanOptionalAction, default=True,
+                     help="weight each image feature by its detector score (D1); off: D0")
+    ijb.add_argument("--ijb-media-pooling", action=argparse.BooleanOptionalAction, default=True,
+                     help="average each medium's images, then sum the media (off: sum the images)")
+    ijb.add_argument("--save-scores", action="store_true",
+                     help="write ijb_<target>_scores.npy (one float64 per pair, pair-file order) into --out")
+    opt.add_argument("--workers", type=int, default=2, help="image decoding processes (IJB, clustering, MegaFace)")
+    opt.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="progress bars on stderr for the long protocols")
     opt.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (torch models; ONNX runs on CPU)")
     opt.add_argument("--batch-size", type=int, default=128)
     opt.add_argument("--image-size", type=int, default=None,
@@ -245,8 +263,11 @@ def run(args) -> dict:
         syn_bins, syn_rec, meta = _synthetic(args)
         bins += [b for b in syn_bins if b not in bins]
         cluster_rec = cluster_rec or syn_rec
-    if not bins and not all(tmpl) and cluster_rec is None and not args.synthetic:
-        raise _InputError("nothing to evaluate: give --bin, --templates/--template-pairs/--template-images, "
+    if bool(args.ijb) != bool(args.ijb_target):
+        raise _InputError("IJB verification needs --ijb ROOT and --ijb-target IJBB|IJBC together")
+    ijb_root = _file(args.ijb, "--ijb folder")
+    if not bins and not all(tmpl) and cluster_rec is None and not args.synthetic and ijb_root is None:
+        raise _InputError("nothing to evaluate: give --bin, --ijb, --templates/--template-pairs/--template-images, "
                           "--clustering-rec or --synthetic")
     cl_cfg = ClusteringProtocolConfig(
         sizes=_sizes(args.cluster_sizes), algorithms=tuple(a.strip() for a in args.algorithms.split(",") if a.strip()),
@@ -300,6 +321,21 @@ def run(args) -> dict:
         tars = "  ".join(f"TAR@FAR={f:g}: {v:.4f}" for f, v in res.templates.tar.items())
         print(f"[pfc eval] templates: {tl.num_templates} templates, {res.templates.num_pairs} pairs  {tars}", flush=True)
         res.seconds["templates"] = time.perf_counter() - t0
+
+    if ijb_root is not None:
+        from .ijb import evaluate_ijb
+
+        t0 = time.perf_counter()
+        r = evaluate_ijb(emb, ijb_root, args.ijb_target, align=args.ijb_align, flip=args.flip,
+                         raw_norm=args.ijb_raw_norm, detector_score=args.ijb_detector_score,
+                         media_pooling=args.ijb_media_pooling, batch_size=args.batch_size, workers=args.workers,
+                         device=str(emb.device), progress=args.progress,
+                         save_scores=out if args.save_scores else None)
+        res.ijb[r.target] = r
+        for rule, tars in (("nearest FAR", r.tar_nearest), ("FAR <= target", r.tar_at_most)):
+            cells = "  ".join(f"{f:.0e}: {'n/a' if v != v else f'{100 * v:.2f}'}" for f, v in sorted(tars.items()))
+            print(f"[pfc eval] {r.target} ({r.settings['mode']}) TAR% by {rule}: {cells}", flush=True)
+        res.seconds[f"ijb_{r.target}"] = time.perf_counter() - t0
 
     if cluster_rec is not None:
         t0 = time.perf_counter()
