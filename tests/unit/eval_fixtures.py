@@ -130,3 +130,44 @@ def make_ijb_release(root, target: str = "IJBC", identities: int = 5, templates_
     return {"names": names, "landmarks": np.asarray(lms, np.float64).round(3),
             "scores": np.asarray(scores).round(6), "tid": np.asarray(tids), "mid": np.asarray(mids),
             "pairs": np.asarray(pairs, np.int64)}
+
+
+def make_ijbb_clustering(root, subtasks=((3, "clustering_3"), (5, "clustering_5")), faces_per_subject=4, seed=0):
+    """IJB-B clustering protocol files as released: ``images/img/<k>.jpg`` loose crops, one CSV per
+    subtask (nested subject sets) with the face box, and a landmark file keyed by TEMPLATE_ID.
+
+    Returns ``(images_dir, [csv paths], landmarks_path)``."""
+    from pathlib import Path
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    most = max(n for n, _ in subtasks)
+    rows, lm_lines = [], []
+    tid = 1000
+    for subj in range(most):
+        for j in range(faces_per_subject):
+            tid += 1
+            face = aligned_face(20 + subj, j, seed)
+            m, canvas = placed(rng.uniform(1.0, 1.6), rng.uniform(-20, 20), (int(rng.integers(10, 40)), 25))
+            img, lm = loose_crop(face, m, canvas)
+            fn = f"img/{tid}.jpg"
+            write_jpeg(root / "images" / fn, img)
+            corners = np.array([[0, 0], [112, 0], [0, 112], [112, 112]], float) @ m[:, :2].T + m[:, 2]
+            x0, y0 = corners.min(0)
+            x1, y1 = corners.max(0)
+            rows.append((tid, 500 + subj, fn, x0, y0, x1 - x0, y1 - y0))
+            lm_lines.append(f"{tid} " + " ".join(f"{v:.3f}" for v in lm.ravel()))
+    paths = []
+    proto = root / "protocol"
+    proto.mkdir(parents=True, exist_ok=True)
+    for n, name in subtasks:
+        p = proto / f"{name}.csv"
+        with open(p, "w") as f:
+            f.write("TEMPLATE_ID,SUBJECT_ID,FILENAME,FACE_X,FACE_Y,FACE_WIDTH,FACE_HEIGHT,SIGHTING_ID\n")
+            for r in rows:
+                if r[1] - 500 < n:
+                    f.write(f"{r[0]},{r[1]},{r[2]},{r[3]:.1f},{r[4]:.1f},{r[5]:.1f},{r[6]:.1f},7\n")
+        paths.append(p)
+    lm_path = root / "landmarks.txt"
+    lm_path.write_text("\n".join(lm_lines) + "\n")
+    return root / "images", paths, lm_path

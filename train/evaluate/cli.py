@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="IJB-B/C 1:1 verification on the insightface release layout: ROOT holds loose_crop/ and "
                            "meta/<t>_{name_5pts_score,face_tid_mid,template_pair_label}.txt")
     data.add_argument("--ijb-target", choices=("IJBB", "IJBC"), type=str.upper, help="which IJB set ROOT is")
+    data.add_argument("--ijbb-clustering", nargs="+", default=[], metavar="CSV|DIR",
+                      help="IJB-B clustering subtask CSVs as released (TEMPLATE_ID, SUBJECT_ID, FILENAME, FACE_X, "
+                           "FACE_Y, FACE_WIDTH, FACE_HEIGHT), or their folder (then the --ijbb-largest largest)")
+    data.add_argument("--ijbb-images", metavar="DIR", help="the IJB-B folder FILENAME is relative to")
+    data.add_argument("--ijbb-landmarks", metavar="FILE",
+                      help="optional 5-point landmarks 'TEMPLATE_ID x1 y1 ... x5 y5' to align instead of box crops")
     data.add_argument("--clustering-rec", help="a labelled .rec whose images are clustered")
     data.add_argument("--synthetic", metavar="DIR",
                       help="a `pfc synth` dataset: uses its verification.bin, cluster.rec (clustering) and a template "
@@ -101,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--dbscan-quantile", type=float, default=0.7, help="quantile of the k-distance rule")
     opt.add_argument("--linkage", choices=("average", "ward"), default="average",
                      help="agglomerative: average linkage on cosine distance, or ward on normalised features")
+    opt.add_argument("--ijbb-largest", type=int, default=3,
+                     help="--ijbb-clustering DIR: run its K largest subtasks (3: 512, 1,024, 1,845 subjects, as the paper)")
+    opt.add_argument("--cluster-knn", type=int, default=30,
+                     help="IJB-B clustering: neighbours per face of the agglomerative k-NN graph")
+    opt.add_argument("--kmeans-max-iter", type=int, default=300)
     opt.add_argument("--templates-per-identity", type=int, default=4,
                      help="--synthetic: templates per clustering identity in the generated protocol")
     opt.add_argument("--seed", type=int, default=0, help="seed of the clustering subsets, K-means and the protocol")
@@ -148,6 +159,27 @@ def _bin_table(evals, flip: bool, folds: int = 10) -> str:
         r = pe.result
         rows.append(f"  {r.name:<16} {r.num_pairs:>7} {100 * r.accuracy:>8.2f}% {100 * r.accuracy_std:>6.2f}%")
     return "\n".join(rows)
+
+
+def _ijbb_csvs(items: Sequence[str], largest: int) -> list[Path]:
+    """``--ijbb-clustering`` arguments as CSV files; a folder gives its ``largest`` subtasks by
+    subject count (smallest first)."""
+    from .ijbb_clustering import read_clustering_csv
+
+    out: list[Path] = []
+    for item in items:
+        p = _file(item, "--ijbb-clustering")
+        if p.is_dir():
+            found = sorted(p.glob("*.csv"))
+            if not found:
+                raise _InputError(f"--ijbb-clustering folder {p} holds no .csv file")
+            if largest < 1:
+                raise _InputError("--ijbb-largest must be >= 1")
+            sized = sorted(((read_clustering_csv(f).num_subjects, f) for f in found), key=lambda x: (x[0], x[1].name))
+            out += [f for _, f in sized[-largest:]]
+        else:
+            out.append(p)
+    return out
 
 
 def _sizes(text: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -263,10 +295,14 @@ def run(args) -> dict:
         syn_bins, syn_rec, meta = _synthetic(args)
         bins += [b for b in syn_bins if b not in bins]
         cluster_rec = cluster_rec or syn_rec
+    ijbb_csvs = _ijbb_csvs(args.ijbb_clustering, args.ijbb_largest)
+    if ijbb_csvs and not args.ijbb_images:
+        raise _InputError("--ijbb-clustering needs --ijbb-images (the folder its FILENAME column is relative to)")
     if bool(args.ijb) != bool(args.ijb_target):
         raise _InputError("IJB verification needs --ijb ROOT and --ijb-target IJBB|IJBC together")
     ijb_root = _file(args.ijb, "--ijb folder")
-    if not bins and not all(tmpl) and cluster_rec is None and not args.synthetic and ijb_root is None:
+    if not bins and not all(tmpl) and cluster_rec is None and not args.synthetic and ijb_root is None \
+            and not ijbb_csvs:
         raise _InputError("nothing to evaluate: give --bin, --ijb, --templates/--template-pairs/--template-images, "
                           "--clustering-rec or --synthetic")
     cl_cfg = ClusteringProtocolConfig(
@@ -336,6 +372,28 @@ def run(args) -> dict:
             cells = "  ".join(f"{f:.0e}: {'n/a' if v != v else f'{100 * v:.2f}'}" for f, v in sorted(tars.items()))
             print(f"[pfc eval] {r.target} ({r.settings['mode']}) TAR% by {rule}: {cells}", flush=True)
         res.seconds[f"ijb_{r.target}"] = time.perf_counter() - t0
+
+    if ijbb_csvs:
+        from .ijbb_clustering import SubtaskConfig, evaluate_ijbb_clustering
+
+        t0 = time.perf_counter()
+        algos = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
+        sc = SubtaskConfig(algorithms=algos, seed=args.seed, kmeans_n_init=args.kmeans_n_init,
+                           kmeans_max_iter=args.kmeans_max_iter, dbscan_eps=args.dbscan_eps,
+                           dbscan_min_samples=args.dbscan_min_samples, dbscan_quantile=args.dbscan_quantile,
+                           knn=args.cluster_knn)
+        info, runs = evaluate_ijbb_clustering(emb, ijbb_csvs, _file(args.ijbb_images, "--ijbb-images"),
+                                              landmarks=_file(args.ijbb_landmarks, "--ijbb-landmarks"),
+                                              flip=args.flip, batch_size=args.batch_size, workers=args.workers,
+                                              progress=args.progress, config=sc)
+        res.ijbb_clustering = {"subtasks": info, "runs": runs, "config": dict(vars(sc)),
+                               "alignment": "landmarks" if args.ijbb_landmarks else "box crop"}
+        for r in runs:
+            sc_ = r.scores
+            print(f"[pfc eval] IJB-B clustering {r.params['subtask']} ({r.num_identities} subjects, {r.num_samples} "
+                  f"faces) {r.algorithm:<13} NMI {sc_.nmi:.4f}  pairwise F {sc_.pairwise_f:.4f}  "
+                  f"BCubed F {sc_.bcubed_f:.4f}", flush=True)
+        res.seconds["ijbb_clustering"] = time.perf_counter() - t0
 
     if cluster_rec is not None:
         t0 = time.perf_counter()

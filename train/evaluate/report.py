@@ -10,6 +10,8 @@
 - ``ijb``: ``{"IJBB"|"IJBC": {...}}`` for ``--ijb``: ``tar_at_far_nearest`` and ``tar_at_far_at_most``
   map ``"1e-06"`` ... ``"1e-01"`` to a fraction (the two TAR@FAR rules), plus counts, the recipe's
   ``settings`` and the score statistics; empty when not run;
+- ``ijbb_clustering``: ``{"subtasks": [...], "runs": [...], "config", "alignment"}`` for
+  ``--ijbb-clustering``: one run per (subtask, algorithm) with NMI, pairwise and BCubed F, or ``null``;
 - ``clustering``: ``{"source", "num_images", "num_identities", "config", "runs": [...]}`` with one
   run per (subset, algorithm), or ``null``; ``by_difficulty`` for the synthetic set;
 - ``concentration``: phi / lambda / margin statistics of a checkpoint's head, or ``null``
@@ -56,6 +58,7 @@ class EvalResults:
     templates: Optional[TemplateResult] = None
     template_source: Optional[dict] = None
     ijb: dict = field(default_factory=dict)
+    ijbb_clustering: Optional[dict] = None
     clustering: list[ClusteringRun] = field(default_factory=list)
     clustering_info: Optional[dict] = None
     clustering_by_difficulty: Optional[list[dict]] = None
@@ -140,6 +143,8 @@ def write_report(out_dir: str | Path, results: EvalResults) -> dict:
                          for pe in results.verification],
         "templates": None if t is None else dict(t.to_dict(), **(results.template_source or {})),
         "ijb": {name: r.to_dict() for name, r in results.ijb.items()},
+        "ijbb_clustering": None if results.ijbb_clustering is None else dict(
+            results.ijbb_clustering, runs=[r.to_dict() for r in results.ijbb_clustering["runs"]]),
         "clustering": None if results.clustering_info is None else dict(
             results.clustering_info, runs=[r.to_dict() for r in results.clustering],
             **({"by_difficulty": results.clustering_by_difficulty} if results.clustering_by_difficulty else {})),
@@ -219,6 +224,21 @@ def _markdown(m: dict, results: EvalResults) -> str:
             md += [f"Pair scores: `{r['scores_file']}` (pair-file order).", ""]
     if "roc" in figs:
         md += ["## ROC", "", f"![ROC]({figs['roc']})", ""]
+    ib = m["ijbb_clustering"]
+    if ib is not None:
+        md += ["## IJB-B clustering (official subtasks)", "",
+               f"Faces: {ib['alignment']}; K-means and agglomerative get the subtask's subject count; agglomerative "
+               f"is average linkage on a {ib['config']['knn']}-NN graph (docs/evaluation.md).", "",
+               "| subtask | subjects | faces | algorithm | clusters | NMI | pairwise F (P / R) | BCubed F (P / R) | params |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for r in ib["runs"]:
+            params = ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in r["params"].items()
+                               if k != "subtask")
+            md.append(f"| {r['params']['subtask']} | {r['num_identities']} | {r['num_samples']} | {r['algorithm']} | "
+                      f"{r['num_clusters']} | {_fmt(r['nmi'])} | {_fmt(r['pairwise_f'])} ({_fmt(r['pairwise_precision'], 3)}"
+                      f" / {_fmt(r['pairwise_recall'], 3)}) | {_fmt(r['bcubed_f'])} ({_fmt(r['bcubed_precision'], 3)} / "
+                      f"{_fmt(r['bcubed_recall'], 3)}) | {params} |")
+        md.append("")
     cl = m["clustering"]
     if cl is not None:
         md += ["## Clustering (IJB-B clustering protocol style)", "",
