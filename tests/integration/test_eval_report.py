@@ -12,7 +12,7 @@ from train.evaluate.cli import main as eval_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-TOP_KEYS = {"model", "flip", "verification", "templates", "ijb", "ijbb_clustering", "clustering", "concentration", "concentration_note",
+TOP_KEYS = {"model", "flip", "verification", "templates", "ijb", "ijbb_clustering", "megaface", "clustering", "concentration", "concentration_note",
             "figures", "seconds"}
 
 

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--ijbb-images", metavar="DIR", help="the IJB-B folder FILENAME is relative to")
     data.add_argument("--ijbb-landmarks", metavar="FILE",
                       help="optional 5-point landmarks 'TEMPLATE_ID x1 y1 ... x5 y5' to align instead of box crops")
+    data.add_argument("--megaface", metavar="ROOT",
+                      help="MegaFace challenge 1 on the aligned test pack: ROOT holds facescrub_lst, megaface_lst, "
+                           "facescrub_images/, megaface_images/ and optionally the *_noises.txt lists")
     data.add_argument("--clustering-rec", help="a labelled .rec whose images are clustered")
     data.add_argument("--synthetic", metavar="DIR",
                       help="a `pfc synth` dataset: uses its verification.bin, cluster.rec (clustering) and a template "
@@ -112,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--cluster-knn", type=int, default=30,
                      help="IJB-B clustering: neighbours per face of the agglomerative k-NN graph")
     opt.add_argument("--kmeans-max-iter", type=int, default=300)
+    opt.add_argument("--megaface-distractors", type=int, default=1_000_000,
+                     help="distractor count, 10^k (the first N of the list after dropping noise)")
+    opt.add_argument("--megaface-distractor-list", default=None, help="use this list instead of ROOT/megaface_lst")
+    opt.add_argument("--megaface-noise", action=argparse.BooleanOptionalAction, default=True,
+                     help="drop the images of ROOT/facescrub_noises.txt and ROOT/megaface_noises.txt when present")
+    opt.add_argument("--megaface-block", type=int, default=8192, help="distractors scored per block")
     opt.add_argument("--templates-per-identity", type=int, default=4,
                      help="--synthetic: templates per clustering identity in the generated protocol")
     opt.add_argument("--seed", type=int, default=0, help="seed of the clustering subsets, K-means and the protocol")
@@ -302,7 +311,8 @@ def run(args) -> dict:
         raise _InputError("IJB verification needs --ijb ROOT and --ijb-target IJBB|IJBC together")
     ijb_root = _file(args.ijb, "--ijb folder")
     if not bins and not all(tmpl) and cluster_rec is None and not args.synthetic and ijb_root is None \
-            and not ijbb_csvs:
+            and not ijbb_csvs \
+            and not args.megaface:
         raise _InputError("nothing to evaluate: give --bin, --ijb, --templates/--template-pairs/--template-images, "
                           "--clustering-rec or --synthetic")
     cl_cfg = ClusteringProtocolConfig(
@@ -394,6 +404,20 @@ def run(args) -> dict:
                   f"faces) {r.algorithm:<13} NMI {sc_.nmi:.4f}  pairwise F {sc_.pairwise_f:.4f}  "
                   f"BCubed F {sc_.bcubed_f:.4f}", flush=True)
         res.seconds["ijbb_clustering"] = time.perf_counter() - t0
+
+    if args.megaface:
+        from .megaface import evaluate_megaface
+
+        t0 = time.perf_counter()
+        mf = evaluate_megaface(emb, _file(args.megaface, "--megaface folder"), num_distractors=args.megaface_distractors,
+                               distractor_list=args.megaface_distractor_list, noise=args.megaface_noise,
+                               flip=args.flip, batch_size=args.batch_size, block=args.megaface_block,
+                               workers=args.workers, device=str(emb.device), progress=args.progress)
+        res.megaface = mf
+        tars = "  ".join(f"TAR@FAR={f:.0e}: {'n/a' if v != v else f'{100 * v:.2f}%'}" for f, v in mf.tar_at_far.items())
+        print(f"[pfc eval] MegaFace: {mf.num_probes} probes of {mf.num_identities} identities vs {mf.num_distractors} "
+              f"distractors  rank-1 {100 * mf.rank1:.2f}%  {tars}", flush=True)
+        res.seconds["megaface"] = time.perf_counter() - t0
 
     if cluster_rec is not None:
         t0 = time.perf_counter()

@@ -12,6 +12,8 @@
   ``settings`` and the score statistics; empty when not run;
 - ``ijbb_clustering``: ``{"subtasks": [...], "runs": [...], "config", "alignment"}`` for
   ``--ijbb-clustering``: one run per (subtask, algorithm) with NMI, pairwise and BCubed F, or ``null``;
+- ``megaface``: challenge 1 for ``--megaface``: ``rank1``, ``tar_at_far`` (``"1e-06"``), the counts
+  and the noise images dropped, or ``null``;
 - ``clustering``: ``{"source", "num_images", "num_identities", "config", "runs": [...]}`` with one
   run per (subset, algorithm), or ``null``; ``by_difficulty`` for the synthetic set;
 - ``concentration``: phi / lambda / margin statistics of a checkpoint's head, or ``null``
@@ -59,6 +61,7 @@ class EvalResults:
     template_source: Optional[dict] = None
     ijb: dict = field(default_factory=dict)
     ijbb_clustering: Optional[dict] = None
+    megaface: Optional[Any] = None
     clustering: list[ClusteringRun] = field(default_factory=list)
     clustering_info: Optional[dict] = None
     clustering_by_difficulty: Optional[list[dict]] = None
@@ -143,6 +146,7 @@ def write_report(out_dir: str | Path, results: EvalResults) -> dict:
                          for pe in results.verification],
         "templates": None if t is None else dict(t.to_dict(), **(results.template_source or {})),
         "ijb": {name: r.to_dict() for name, r in results.ijb.items()},
+        "megaface": None if results.megaface is None else results.megaface.to_dict(),
         "ijbb_clustering": None if results.ijbb_clustering is None else dict(
             results.ijbb_clustering, runs=[r.to_dict() for r in results.ijbb_clustering["runs"]]),
         "clustering": None if results.clustering_info is None else dict(
@@ -224,6 +228,15 @@ def _markdown(m: dict, results: EvalResults) -> str:
             md += [f"Pair scores: `{r['scores_file']}` (pair-file order).", ""]
     if "roc" in figs:
         md += ["## ROC", "", f"![ROC]({figs['roc']})", ""]
+    mf = m["megaface"]
+    if mf is not None:
+        md += ["## MegaFace challenge 1", "",
+               f"{mf['num_probes']} FaceScrub probes of {mf['num_identities']} identities against "
+               f"{mf['num_distractors']} distractors ({mf['num_trials']} rank-1 trials, {mf['num_impostor']} impostor "
+               f"pairs); noise dropped: {mf['noise_dropped'] or 'none'}.", "",
+               "| rank-1 identification | " + " | ".join(f"TAR@FAR={f}" for f in mf["tar_at_far"]) + " |",
+               "|---" * (1 + len(mf["tar_at_far"])) + "|",
+               f"| {_fmt(mf['rank1'])} | " + " | ".join(_fmt(v) for v in mf["tar_at_far"].values()) + " |", ""]
     ib = m["ijbb_clustering"]
     if ib is not None:
         md += ["## IJB-B clustering (official subtasks)", "",
