@@ -159,37 +159,37 @@ def _unit(features: np.ndarray) -> np.ndarray:
     return f / norm
 
 
-def knn_cosine(features: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def knn_cosine(features: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``k`` most similar rows (itself included), by blocks of ``block`` rows.
 
     Args:
         features: ``[N, D]`` L2-normalised float32.
         k: Neighbours per row (at most N).
-        block: Rows per similarity block (peak extra memory ``block x N`` float32).
+        block: Rows per similarity block (peak extra memory about ``block x N`` float32).
 
     Returns:
-        ``(index [N, k] int64, cosine distance [N, k] float32)``, nearest first.
+        ``(index [N, k] int64, cosine distance [N, k] float32)``, nearest first, itself first.
     """
-    f = np.asarray(features, dtype=np.float32)
+    import torch
+
+    f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     n = f.shape[0]
     k = min(int(k), n)
     idx = np.empty((n, k), np.int64)
     dist = np.empty((n, k), np.float32)
     for s in range(0, n, block):
         sim = f[s : s + block] @ f.T
-        rows = np.arange(sim.shape[0])
-        sim[rows, s + rows] = np.inf  # itself first, whatever rounding says
-        part = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(rows), 1))
-        top = np.take_along_axis(sim, part, 1)
-        order = np.argsort(-top, axis=1, kind="stable")
-        idx[s : s + block] = np.take_along_axis(part, order, 1)
-        d = 1.0 - np.take_along_axis(top, order, 1)
+        rows = torch.arange(sim.shape[0])
+        sim[rows, s + rows] = float("inf")  # itself first, whatever rounding says
+        top, part = torch.topk(sim, k, dim=1, largest=True, sorted=True)
+        d = (1.0 - top).clamp_(0.0, 2.0)
         d[:, 0] = 0.0
-        dist[s : s + block] = np.clip(d, 0.0, 2.0)
+        idx[s : s + block] = part.numpy()
+        dist[s : s + block] = d.numpy()
     return idx, dist
 
 
-def radius_graph(features: np.ndarray, eps: float, block: int = 2048, max_edges: int = 400_000_000):
+def radius_graph(features: np.ndarray, eps: float, block: int = 1024, max_edges: int = 400_000_000):
     """Sparse ``[N, N]`` CSR of cosine distances ``<= eps`` (diagonal included, stored as 0),
     built by blocks of rows; DBSCAN with ``metric="precomputed"`` reads it.
 
@@ -220,7 +220,7 @@ def radius_graph(features: np.ndarray, eps: float, block: int = 2048, max_edges:
 
 
 def dbscan_sparse(features: np.ndarray, min_samples: int = 3, eps: Optional[float] = None, quantile: float = 0.7,
-                  block: int = 2048) -> tuple[np.ndarray, dict]:
+                  block: int = 1024) -> tuple[np.ndarray, dict]:
     """DBSCAN on cosine distance through a sparse radius graph (memory ``O(edges)``).
 
     ``eps`` ``None``: the k-distance rule (the ``quantile`` of each face's distance to its
@@ -267,7 +267,7 @@ def _connect(conn, f: np.ndarray, block: int):
         conn = ((conn + extra + extra.T) > 0).astype(np.float64).tocsr()
 
 
-def agglomerative_knn(features: np.ndarray, n_clusters: int, knn: int = 30, block: int = 2048) -> tuple[np.ndarray, dict]:
+def agglomerative_knn(features: np.ndarray, n_clusters: int, knn: int = 30, block: int = 1024) -> tuple[np.ndarray, dict]:
     """Average-linkage agglomerative clustering (cosine) restricted to a k-NN graph."""
     from scipy.sparse import csr_matrix
     from sklearn.cluster import AgglomerativeClustering
@@ -296,7 +296,7 @@ class SubtaskConfig:
     dbscan_min_samples: int = 3
     dbscan_quantile: float = 0.7
     knn: int = 30
-    block: int = 2048
+    block: int = 1024
 
     def __post_init__(self) -> None:
         bad = [a for a in self.algorithms if a not in IJBB_ALGORITHMS]
