@@ -212,3 +212,18 @@ def test_malformed_lines_and_missing_images_are_named(release, tmp_path, capsys)
         read_ijb_meta(r, "IJBX")
     with pytest.raises(FileNotFoundError, match="ijbb_name_5pts_score.txt"):
         read_ijb_meta(r, "IJBB")
+
+
+def test_blocked_pair_scoring_equals_the_direct_products():
+    from train.evaluate.ijb import score_template_pairs
+
+    rng = np.random.default_rng(3)
+    feats = sk_normalize(rng.normal(size=(57, 8)))
+    ids = np.sort(rng.choice(10_000, 57, replace=False))
+    t1, t2 = rng.choice(ids, 5000), rng.choice(ids, 5000)
+    want = np.einsum("ij,ij->i", feats[np.searchsorted(ids, t1)], feats[np.searchsorted(ids, t2)])
+    for block_bytes in (1, 8 * 57 * 5, 1 << 28):  # one template per block, 5 per block, one block
+        np.testing.assert_allclose(score_template_pairs(ids, feats, t1, t2, block_bytes=block_bytes), want,
+                                   atol=1e-12)
+    with pytest.raises(ValueError, match="pair 2 names template 10001"):
+        score_template_pairs(ids, feats, t1[:3], np.array([t2[0], 10_001, t2[2]]))

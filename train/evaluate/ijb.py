@@ -29,7 +29,8 @@ FAR is nearest the target, the rule of the reference script and the published ta
 **at most** (the largest TAR whose FAR does not exceed the target, the stricter one).
 
 Memory: image features ``[N, D]`` (float32), template features ``[T, D]`` (float64), the pair
-list (int32) and one float64 score per pair; pairs are scored in batches.
+list (int64), one float64 score per pair and one int64 pair order; pairs are scored by blocks of
+templates (:func:`score_template_pairs`).
 """
 
 from __future__ import annotations
@@ -266,9 +267,15 @@ def ijb_template_features(
 
 def score_template_pairs(
     template_ids: np.ndarray, template_features: np.ndarray, t1: np.ndarray, t2: np.ndarray, *,
-    batch_size: int = 1 << 18, device: str = "cpu", progress: bool = False,
+    block_bytes: int = 1 << 28, device: str = "cpu", progress: bool = False,
 ) -> np.ndarray:
-    """``[P]`` float64 cosine scores of template pairs, computed ``batch_size`` pairs at a time.
+    """``[P]`` float64 cosine scores of template pairs.
+
+    Pairs are grouped by their first template; for each block of first templates, one matrix
+    product with every template (``rows x T`` float64, at most ``block_bytes``) gives all their
+    scores, and each pair picks its entry. A matrix product runs at BLAS speed, where gathering
+    two feature rows per pair is memory-bound (20-60x slower measured on this project's CPU VM).
+    Extra memory: the block and one int64 order of the pairs.
 
     ``template_ids`` must be sorted (as :func:`ijb_template_features` returns them); every id in
     ``t1``/``t2`` must be among them.
@@ -284,16 +291,25 @@ def score_template_pairs(
             raise ValueError(f"pair {int(np.argmax(bad)) + 1} names template {ids[np.argmax(bad)]}, which has no image")
     dev = torch.device(device)
     feats = torch.from_numpy(np.ascontiguousarray(template_features, dtype=np.float64)).to(dev)
+    n_t = feats.shape[0]
+    rows = max(1, int(block_bytes // (8 * max(n_t, 1))))
+    order = np.argsort(i1, kind="stable")
+    starts = np.searchsorted(i1[order], np.arange(0, n_t + rows, rows))
     out = np.empty(len(t1), dtype=np.float64)
-    rng = range(0, len(t1), batch_size)
+    blocks = range(0, n_t, rows)
     if progress:
         from tqdm import tqdm
 
-        rng = tqdm(rng, desc="pairs", unit="batch", mininterval=2.0)
-    for s in rng:
-        a = torch.from_numpy(i1[s : s + batch_size]).to(dev)
-        b = torch.from_numpy(i2[s : s + batch_size]).to(dev)
-        out[s : s + batch_size] = (feats[a] * feats[b]).sum(1).cpu().numpy()
+        blocks = tqdm(blocks, desc="pairs", unit="block", mininterval=2.0)
+    for b, r0 in enumerate(blocks):
+        lo, hi = starts[b], starts[b + 1]
+        if lo == hi:
+            continue
+        sel = order[lo:hi]
+        sims = feats[r0 : r0 + rows] @ feats.T  # [rows, T]
+        a = torch.from_numpy(i1[sel] - r0).to(dev)
+        c = torch.from_numpy(i2[sel]).to(dev)
+        out[sel] = sims[a, c].cpu().numpy()
     return out
 
 
