@@ -107,13 +107,23 @@ def _ijb_images(root: str, backbone: str, workers: int, batch: int) -> dict:
     from train.evaluate.embedders import _torch_embedder
     from train.evaluate.ijb import evaluate_ijb
 
+    from train.evaluate.faces import FaceSpec, iter_face_batches
+    from train.evaluate.ijb import read_ijb_meta
+
+    meta = read_ijb_meta(root, "IJBC")
+    specs = [FaceSpec(n, landmarks=lm) for n, lm in zip(meta.names, meta.landmarks)]
+    t0 = time.perf_counter()
+    for _ in iter_face_batches(Path(root) / "loose_crop", specs, batch_size=batch, workers=workers):
+        pass
+    decode_s = time.perf_counter() - t0
     torch.manual_seed(0)
     emb = _torch_embedder(build_backbone(backbone, num_features=512), torch.device("cpu"), kind="bench",
                           source="random", backbone=backbone, embedding_size=512)
     t0 = time.perf_counter()
     r = evaluate_ijb(emb, root, "IJBC", workers=workers, batch_size=batch, progress=False)
     secs = time.perf_counter() - t0
-    return {"images": r.num_images, "templates": r.num_templates, "seconds": secs,
+    return {"backbone": backbone, "workers": workers, "images": r.num_images, "templates": r.num_templates,
+            "decode_align_seconds": decode_s, "decode_align_img_per_s": r.num_images / decode_s, "seconds": secs,
             "seconds_per_10k_images": secs / r.num_images * 10_000, "peak_mib": _peak_mib(),
             "torch_threads": torch.get_num_threads()}
 
