@@ -3,7 +3,9 @@
 Examples::
 
     pfc eval --checkpoint runs/cpu_demo --synthetic data/synth --out runs/cpu_demo/eval
-    pfc eval --onnx model.onnx --bin lfw.bin cfp_fp.bin --flip --out eval/
+    pfc eval --onnx model.onnx --bin lfw.bin cfp_fp.bin --out eval/       # flip fusion is the default
+    pfc eval --weights backbone.pt --ijb IJBC/ --ijb-target IJBC --save-scores --out eval/
+    pfc eval --weights backbone.pt --megaface megaface_testpack/ --megaface-distractors 1000000 --out eval/
     pfc eval --weights export/backbone.pt --templates ijbc_templates.txt \\
         --template-pairs ijbc_pairs.txt --template-images ijbc_crops/ --media-pooling --out eval/
 
@@ -35,8 +37,9 @@ class _InputError(ValueError):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pfc eval",
-        description="Evaluate a face-embedding model: pair-set verification (10-fold accuracy, TAR@FAR, ROC), "
-                    "IJB-style 1:1 template verification, clustering (K-means, DBSCAN, agglomerative; NMI, "
+        description="Evaluate a face-embedding model: pair-set verification (10-fold accuracy, TAR@FAR, ROC; "
+                    "the five .bin sets), IJB-B/C 1:1 on the insightface release, IJB-B clustering on the official "
+                    "subtasks, MegaFace challenge 1, IJB-style 1:1 on your own template lists, clustering (K-means, DBSCAN, agglomerative; NMI, "
                     "pairwise and BCubed F), similarity histograms and, from a checkpoint, the distribution of "
                     "concentration phi and margins. Writes report.md, metrics.json and PNGs to --out.")
     src = p.add_argument_group("model (exactly one)")
