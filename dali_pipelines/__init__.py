@@ -15,7 +15,7 @@ from __future__ import annotations
 from .base import CorruptImageError, TrainLoader
 from .dataset import FaceRecordDataset, InsightFaceWriter
 from .loaders import build_train_loader
-from .pack import PackSummary, pack_folder
+from .pack import PackError, PackSummary, VerifyReport, pack_folder, verify_dataset
 from .recordio import (
     IRHeader,
     RecordIOError,
@@ -35,7 +35,9 @@ __all__ = [
     "CorruptImageError",
     "FaceRecordDataset",
     "IRHeader",
+    "PackError",
     "PackSummary",
+    "VerifyReport",
     "InsightFaceWriter",
     "RecordIOError",
     "RecordReader",
@@ -49,5 +51,6 @@ __all__ = [
     "pack_folder",
     "pack_image_record",
     "unpack_image_record",
+    "verify_dataset",
     "write_verification_bin",
 ]

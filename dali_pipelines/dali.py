@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -134,16 +134,18 @@ def external_pipeline(source: Callable[[], tuple[list[np.ndarray], np.ndarray, n
     return pipe
 
 
-def mxnet_reader_pipeline(rec_path: str | os.PathLike[str], index_path: str | os.PathLike[str], *,
+def mxnet_reader_pipeline(rec_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                          index_path: str | os.PathLike[str], *,
                           batch_size: int, num_threads: int = 2, device_id: int | None = None,
                           shard_id: int = 0, num_shards: int = 1, shuffle: bool = False, seed: int = 0,
                           decode: bool = True, image_size: int = 112, flip: bool = True) -> Any:
     """Builds a pipeline around DALI's native ``fn.readers.mxnet``.
 
     Args:
-        rec_path: The ``.rec`` file.
-        index_path: An index listing image records only
-            (``FaceRecordDataset.image_index_path()``).
+        rec_path: The ``.rec`` file, or the shard files of a sharded dataset.
+        index_path: One index listing image records only; for several files
+            its offsets run through their concatenation (both from
+            ``FaceRecordDataset.dali_reader_inputs()``).
         decode: False returns the raw encoded bytes, for compatibility checks.
         flip: Random flips via ``fn.random.coin_flip`` (decode only).
 
@@ -153,10 +155,13 @@ def mxnet_reader_pipeline(rec_path: str | os.PathLike[str], index_path: str | os
     """
     from nvidia.dali import fn, pipeline_def
 
+    recs = [str(p) for p in rec_path] if isinstance(rec_path, (list, tuple)) else [str(rec_path)]
+    idxs = [str(index_path)]  # DALI's reader takes one index over all files
+
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
     def _pipe() -> Any:
         jpegs, labels = fn.readers.mxnet(
-            path=[str(rec_path)], index_path=[str(index_path)], shard_id=shard_id,
+            path=recs, index_path=idxs, shard_id=shard_id,
             num_shards=num_shards, random_shuffle=shuffle, seed=seed, pad_last_batch=True,
             name="Reader",
         )
@@ -201,7 +206,7 @@ class _Feeder:
                 ind[is_bad] = good[0]  # keep the batch size fixed across ranks
         ds = self.loader.dataset
         jpegs = [ds.encoded_image(int(i)) for i in ind]
-        labels = ds.labels[ind].reshape(-1, 1)
+        labels = np.ascontiguousarray(ds.labels[ind], dtype=np.int64).reshape(-1, 1)
         return jpegs, labels, self.flips[b * bs : (b + 1) * bs]
 
 
@@ -217,6 +222,8 @@ class DaliRecordLoader(TrainLoader):
     """
 
     kind = "dali"
+    #: Prefetch queue depth of the training pipeline (batches decoded ahead of the one returned).
+    _PREFETCH = 2
 
     def __init__(self, dataset: FaceRecordDataset, *, num_threads: int = 2, strict: bool = False,
                  gpu_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -282,10 +289,13 @@ class DaliRecordLoader(TrainLoader):
                 feeder, batch_size=self.batch_size, num_threads=self.num_threads,
                 device_id=self.device_id, image_size=self.image_size,
                 fp16=self.dtype == torch.float16, hwc=hwc, seed=self.seed,
-                gpu_options=self.gpu_options,
+                gpu_options=self.gpu_options, prefetch=self._PREFETCH,
             )
-            it = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False)
+            it = None
             try:
+                # Inside the try: building the iterator prefetches (decodes) the first batches,
+                # so a corrupt image there must take the same skip-or-raise path as later ones.
+                it = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False)
                 while True:
                     try:
                         out = next(it)
@@ -302,9 +312,11 @@ class DaliRecordLoader(TrainLoader):
             except (RuntimeError, ValueError) as e:
                 if isinstance(e, CorruptImageError):
                     raise
-                # DALI's decoder failed on batch `done`: find the culprit(s) with PIL,
-                # then rebuild the pipeline from that batch with them substituted.
-                failed = idx[done * self.batch_size : (done + 1) * self.batch_size]
+                # DALI's decoder failed on batch `done` or on one it prefetched after it: find
+                # the culprit(s) with PIL, then rebuild the pipeline from batch `done` with them
+                # substituted.
+                ahead = done + 1 + self._PREFETCH
+                failed = idx[done * self.batch_size : min(ahead, n_batches) * self.batch_size]
                 if not self._find_bad(failed):
                     raise
             finally:

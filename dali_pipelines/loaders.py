@@ -16,7 +16,7 @@ Kind = Literal["dali", "torch", "synthetic"]
 
 def build_train_loader(
     kind: Kind,
-    rec_path: str | os.PathLike[str] | None = None,
+    rec_path: str | os.PathLike[str] | list[str] | None = None,
     *,
     batch_size: int,
     rank: int = 0,
@@ -56,7 +56,9 @@ def build_train_loader(
         kind: ``"dali"`` (DALI decode; CPU when ``device`` is cpu, nvJPEG when
             cuda), ``"torch"`` (DataLoader workers + simplejpeg/PIL) or
             ``"synthetic"`` (random tensors on ``device``).
-        rec_path: The training ``.rec`` (not needed for ``synthetic``).
+        rec_path: The training ``.rec``, a shard manifest ``.json`` written by
+            ``pack --shards`` or a list of plain ``.rec`` shards (not needed for
+            ``synthetic``).
         batch_size: Per-rank batch size ``B``.
         rank: Global rank, the shard id.
         world_size: Global world size, the number of shards.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,8 +230,79 @@ def _read_framed(buf: mmap.mmap | bytes, offset: int, path: str) -> tuple[bytes,
 # ----------------------------------------------------------------------------- index
 
 
+_IDX_CHUNK = 64 << 20  # bytes of .idx text parsed per vectorised step
+# Byte classes of a text index: digits and '-' (token bytes), space/tab/CR/LF (separators).
+_IDX_TOKEN = np.zeros(256, dtype=bool)
+_IDX_TOKEN[np.frombuffer(b"0123456789-", dtype=np.uint8)] = True
+_IDX_SPACE = np.zeros(256, dtype=bool)
+_IDX_SPACE[np.frombuffer(b" \t\r\n", dtype=np.uint8)] = True
+
+
+def _idx_line_error(idx_path: object, data: bytes, pos: int, base_line: int, why: str) -> RecordIOError:
+    """An error naming the file and 1-based line number of byte ``pos`` of chunk ``data``."""
+    lineno = base_line + data.count(b"\n", 0, pos)
+    start = data.rfind(b"\n", 0, pos) + 1
+    end = data.find(b"\n", pos)
+    line = data[start : end if end >= 0 else len(data)][:80]
+    return RecordIOError(f"{idx_path}:{lineno}: {why}, got {line!r}")
+
+
+def _parse_index_chunk(idx_path: object, data: bytes, base_line: int) -> tuple[np.ndarray, np.ndarray]:
+    """Parses whole lines of a ``.idx`` (vectorised); ``base_line`` is the first line's number."""
+    # Fast path for the canonical "key<TAB>offset<LF>" form: deleting the digits must
+    # leave exactly one TAB + LF per line, and numpy's C parser must read two
+    # integers per line. Anything else (CRLF, blank lines, garbage) takes the
+    # checked path below, which also finds the offending line for the message.
+    lines = data.count(b"\n")
+    if data.endswith(b"\n") and data.translate(None, b"0123456789-") == b"\t\n" * lines:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", DeprecationWarning)
+                vals = np.fromstring(data, dtype=np.int64, sep=" ")
+        except (ValueError, DeprecationWarning):
+            vals = np.zeros(0, np.int64)
+        if vals.size == 2 * lines:
+            return vals[0::2].copy(), vals[1::2].copy()
+    a = np.frombuffer(data, dtype=np.uint8)
+    tok = _IDX_TOKEN[a]
+    bad = ~(tok | _IDX_SPACE[a])
+    if bad.any():
+        raise _idx_line_error(idx_path, data, int(np.argmax(bad)), base_line,
+                              "binary or non-numeric data where a 'key<TAB>offset' line was expected")
+    starts = np.flatnonzero(tok & ~np.concatenate(([False], tok[:-1])))
+    newlines = np.flatnonzero(a == 0x0A)
+    line_of = np.searchsorted(newlines, starts)
+    per_line = np.bincount(line_of, minlength=len(newlines) + 1)
+    wrong = np.flatnonzero((per_line != 0) & (per_line != 2))
+    if wrong.size:
+        ln = int(wrong[0])
+        pos = int(newlines[ln - 1]) + 1 if ln > 0 else 0
+        raise _idx_line_error(idx_path, data, pos, base_line, "expected 'key<TAB>offset'")
+    if starts.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a token fromstring cannot read must not end the parse quietly
+        try:
+            vals = np.fromstring(data, dtype=np.int64, sep=" ")  # C speed; any whitespace separates
+        except (ValueError, DeprecationWarning):
+            vals = np.zeros(0, np.int64)
+    if vals.size != starts.size:
+        # A token such as "12-3" or "--": find its line for the message.
+        for j, s in enumerate(starts):
+            e = s
+            while e < len(a) and tok[e]:
+                e += 1
+            try:
+                int(data[s:e])
+            except ValueError:
+                raise _idx_line_error(idx_path, data, int(s), base_line,
+                                      "key and offset must be integers") from None
+        raise RecordIOError(f"{idx_path}: could not parse lines {base_line}.. (internal mismatch)")
+    return vals[0::2].copy(), vals[1::2].copy()
+
+
 def read_index(idx_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a ``.idx`` text index.
+    """Reads a ``.idx`` text index, vectorised (no per-line Python loop).
 
     Args:
         idx_path: Path of the index file.
@@ -239,34 +311,78 @@ def read_index(idx_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray
         ``(keys [R] int64, offsets [R] int64)`` in file order.
 
     Raises:
-        RecordIOError: A line is not ``key<whitespace>offset`` with integers.
+        RecordIOError: A line is not ``key<whitespace>offset`` with integers, or
+            holds binary data; the message names the file and the line number.
     """
-    keys: list[int] = []
-    offsets: list[int] = []
-    with open(idx_path, encoding="ascii") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                raise RecordIOError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {line!r}")
-            try:
-                keys.append(int(fields[0]))
-                offsets.append(int(fields[1]))
-            except ValueError:
-                raise RecordIOError(
-                    f"{idx_path}:{lineno}: key and offset must be integers, got {line!r}"
-                ) from None
-    return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+    keys: list[np.ndarray] = []
+    offsets: list[np.ndarray] = []
+    line = 1
+    rest = b""
+    with open(idx_path, "rb") as f:
+        while True:
+            block = f.read(_IDX_CHUNK)
+            data = rest + block
+            if not block:
+                rest = b""
+            else:
+                cut = data.rfind(b"\n") + 1  # parse whole lines; carry the partial last one
+                if cut == 0:
+                    rest = data
+                    continue
+                data, rest = data[:cut], data[cut:]
+            if data and not data.endswith(b"\n"):
+                data += b"\n"
+            if data:
+                k, o = _parse_index_chunk(idx_path, data, line)
+                keys.append(k)
+                offsets.append(o)
+                line += data.count(b"\n")
+            if not block:
+                break
+    if not keys:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(keys), np.concatenate(offsets)
+
+
+_POW10 = 10 ** np.arange(19, dtype=np.uint64)
+
+
+def _digits(v: np.ndarray) -> np.ndarray:
+    """``[N, W]`` ASCII digits of non-negative ``v`` (right-aligned, 0 bytes before the number)."""
+    v = v.astype(np.uint64)
+    width = max(1, len(str(int(v.max())))) if len(v) else 1
+    pw = _POW10[:width][::-1]
+    d = ((v[:, None] // pw[None, :]) % np.uint64(10)).astype(np.uint8) + np.uint8(48)
+    lead = v[:, None] < pw[None, :]
+    lead[:, -1] = False  # the number 0 still has one digit
+    d[lead] = 0
+    return d
+
+
+def format_index_lines(keys: np.ndarray, offsets: np.ndarray) -> bytes:
+    """``key<TAB>offset<LF>`` lines for non-negative integer arrays, vectorised."""
+    k = np.asarray(keys, dtype=np.int64)
+    o = np.asarray(offsets, dtype=np.int64)
+    if len(k) == 0:
+        return b""
+    if (k < 0).any() or (o < 0).any():
+        return "".join(f"{int(a)}\t{int(b)}\n" for a, b in zip(k, o)).encode("ascii")
+    n = len(k)
+    m = np.concatenate([_digits(k), np.full((n, 1), 9, np.uint8), _digits(o), np.full((n, 1), 10, np.uint8)],
+                       axis=1)
+    return m[m != 0].tobytes()  # row-major: each line's bytes in order, padding dropped
 
 
 def write_index(
     idx_path: str | os.PathLike[str], keys: Sequence[int] | np.ndarray, offsets: Sequence[int] | np.ndarray
 ) -> None:
-    """Writes a ``.idx`` text index (``key<TAB>offset`` per line), atomically."""
+    """Writes a ``.idx`` text index (``key<TAB>offset`` per line), atomically, vectorised."""
     tmp = Path(str(idx_path) + ".tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.writelines(f"{int(k)}\t{int(o)}\n" for k, o in zip(keys, offsets))
+    k = np.asarray(keys, dtype=np.int64)
+    o = np.asarray(offsets, dtype=np.int64)
+    with open(tmp, "wb") as f:
+        for lo in range(0, len(k), 1 << 20):
+            f.write(format_index_lines(k[lo : lo + (1 << 20)], o[lo : lo + (1 << 20)]))
     os.replace(tmp, idx_path)
 
 
@@ -334,11 +450,24 @@ class RecordWriter:
         if self.idx_path is not None:
             write_index(self.idx_path, self._keys, self._offsets)
 
+    def abort(self) -> None:
+        """Closes and deletes the partial ``.rec``; writes no ``.idx`` (nothing looks complete)."""
+        if not self._f.closed:
+            self._f.close()
+        try:
+            os.unlink(self.rec_path)
+        except FileNotFoundError:
+            pass
+
     def __enter__(self) -> RecordWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # An exception (or Ctrl-C) mid-write must not leave a valid-looking shorter file.
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
 
 
 # ----------------------------------------------------------------------------- reader
@@ -396,20 +525,31 @@ class RecordReader:
             self.idx_path = str(idx_path)
             self.keys, self.offsets = read_index(idx_path)
             self._check_offsets()
+        self._order: np.ndarray | None = None
+        self._sorted_keys: np.ndarray | None = None
+
+    def _key_order(self) -> tuple[np.ndarray, np.ndarray]:
         # Sorted keys + searchsorted instead of a dict: a dict of millions of
-        # Python ints costs ~100 bytes per record in every worker process.
-        self._order = np.argsort(self.keys, kind="stable")
-        self._sorted_keys = self.keys[self._order]
+        # Python ints costs ~100 bytes per record in every worker process. Built
+        # on first lookup only: reading a plain file in order never needs it.
+        if self._order is None or self._sorted_keys is None:
+            if len(self.keys) > 1 and bool((self.keys[1:] > self.keys[:-1]).all()):
+                self._order = np.arange(len(self.keys), dtype=np.int64)
+            else:
+                self._order = np.argsort(self.keys, kind="stable")
+            self._sorted_keys = self.keys[self._order]
+        return self._order, self._sorted_keys
 
     def positions(self, keys: np.ndarray | Sequence[int]) -> np.ndarray:
         """Index positions of ``keys`` (``[K] int64``), -1 where a key is absent."""
         k = np.asarray(keys, dtype=np.int64)
-        if len(self._sorted_keys) == 0:
+        order, sorted_keys = self._key_order()
+        if len(sorted_keys) == 0:
             return np.full(k.shape, -1, dtype=np.int64)
-        j = np.searchsorted(self._sorted_keys, k)
-        j = np.minimum(j, len(self._sorted_keys) - 1)
-        found = self._sorted_keys[j] == k
-        return np.where(found, self._order[j], -1).astype(np.int64)
+        j = np.searchsorted(sorted_keys, k)
+        j = np.minimum(j, len(sorted_keys) - 1)
+        found = sorted_keys[j] == k
+        return np.where(found, order[j], -1).astype(np.int64)
 
     def has_key(self, key: int) -> bool:
         """Whether the index has ``key``."""

@@ -23,7 +23,25 @@ Outputs (in ``out_dir``):
 * ``cluster.rec`` / ``cluster.idx`` + ``cluster_labels.npy`` - labelled
   held-out identities (disjoint from both) for clustering evaluation;
 * ``identities.json`` - difficulty of every identity of every split, the
-  verification pairs' identities and pair difficulty.
+  verification pairs' identities and pair difficulty;
+* ``identities.csv`` - the ground truth per identity, one row each: split, global id, label in
+  its split, family (``-1`` = none), image count, difficulty (the nuisance level).
+
+Study options (all off by default; with the defaults the files above are byte-identical to
+those of earlier versions):
+
+* **look-alike families** (``family_size > 1``): consecutive identities of a split are grouped
+  in blocks of ``family_size``; a block is a family with probability ``family_fraction``. A
+  member's geometry and colours are ``family + (1 - family_share) * (own - family)``: they share
+  ``family_share`` of their generative parameters (glasses too) and are hard to tell apart. The
+  difficulty (nuisance level) stays the member's own, so family and nuisance are independent.
+* **long-tailed class sizes** (``size_distribution = "powerlaw"``): training identity ``i``
+  gets ``n_i`` images from a truncated power law ``p(n) ~ n^-size_exponent`` on
+  ``[images_min, images_max]`` (exponent 1: log-uniform), at stratified quantiles in a seeded
+  random order, so the size distribution is exact and independent of family and difficulty.
+* **probe images** (``probe_images_per_identity > 0``): ``probe.rec`` + ``probe_labels.npy``,
+  further images of the *training* identities (image numbers after their training images) with
+  training labels: per-class evaluation by class size.
 """
 
 from __future__ import annotations
@@ -61,6 +79,13 @@ class SynthConfig:
         seed: Master seed.
         jpeg_quality: JPEG quality.
         difficulty_range: Identity difficulties are uniform in this range.
+        family_size: Identities per look-alike family block (1 = no families).
+        family_fraction: Probability that a block is a family (else its members are unrelated).
+        family_share: Fraction of the generative parameters family members share, in [0, 1].
+        size_distribution: ``"fixed"`` (``images_per_identity`` each) or ``"powerlaw"``.
+        images_min, images_max: Range of the power-law training class sizes.
+        size_exponent: Exponent ``a`` of ``p(n) ~ n^-a`` (1 = log-uniform).
+        probe_images_per_identity: Extra images per training identity in ``probe.rec``.
     """
 
     train_identities: int = 500
@@ -74,14 +99,130 @@ class SynthConfig:
     seed: int = 0
     jpeg_quality: int = 90
     difficulty_range: tuple[float, float] = field(default=(0.0, 1.0))
+    family_size: int = 1
+    family_fraction: float = 0.5
+    family_share: float = 0.8
+    size_distribution: str = "fixed"
+    images_min: int = 2
+    images_max: int = 200
+    size_exponent: float = 1.0
+    probe_images_per_identity: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(key: str, msg: str) -> None:
+            raise ValueError(f"synth config: {key} {msg}")
+
+        if self.family_size < 1:
+            bad("family_size", f"must be >= 1, got {self.family_size}")
+        if not 0.0 <= self.family_fraction <= 1.0:
+            bad("family_fraction", f"must be in [0, 1], got {self.family_fraction}")
+        if not 0.0 <= self.family_share <= 1.0:
+            bad("family_share", f"must be in [0, 1], got {self.family_share}")
+        if self.size_distribution not in SIZE_DISTRIBUTIONS:
+            bad("size_distribution", f"must be one of {SIZE_DISTRIBUTIONS}, got {self.size_distribution!r}")
+        if not 1 <= self.images_min <= self.images_max:
+            bad("images_min/images_max", f"must satisfy 1 <= min <= max, got {self.images_min}, {self.images_max}")
+        if self.size_exponent < 0:
+            bad("size_exponent", f"must be >= 0, got {self.size_exponent}")
+        if self.probe_images_per_identity < 0:
+            bad("probe_images_per_identity", f"must be >= 0, got {self.probe_images_per_identity}")
+        if self.image_size < 16:
+            bad("image_size", f"must be >= 16, got {self.image_size}")
+
+    def record(self) -> dict[str, Any]:
+        """The config as ``identities.json`` stores it: the study options only when not default.
+
+        Datasets made with the defaults keep the exact record (and bytes) of earlier versions.
+        """
+        d = json.loads(json.dumps(asdict(self)))
+        for f in _STUDY_FIELDS:
+            if d[f] == _STUDY_DEFAULTS[f]:
+                d.pop(f)
+        return d
+
+    @property
+    def study_options(self) -> bool:
+        """Whether any study option (families, power-law sizes, probe images) is on."""
+        return self.family_size > 1 or self.size_distribution != "fixed" or self.probe_images_per_identity > 0
+
+    def class_sizes(self) -> list[int]:
+        """Images per training identity, in label order."""
+        n = self.train_identities
+        if self.size_distribution == "fixed":
+            return [self.images_per_identity] * n
+        return power_law_sizes(n, self.images_min, self.images_max, self.size_exponent, self.seed)
+
+
+SIZE_DISTRIBUTIONS = ("fixed", "powerlaw")
+_STUDY_FIELDS = ("family_size", "family_fraction", "family_share", "size_distribution", "images_min",
+                 "images_max", "size_exponent", "probe_images_per_identity")
+_STUDY_DEFAULTS = {f: getattr(SynthConfig, f) for f in _STUDY_FIELDS}
+
+
+def power_law_sizes(n: int, lo: int, hi: int, exponent: float, seed: int) -> list[int]:
+    """``n`` class sizes from a truncated power law ``p(x) ~ x^-exponent`` on ``[lo, hi]``.
+
+    The sizes are the distribution's quantiles at ``(j + 0.5) / n`` (stratified: the empirical
+    distribution matches the law with no sampling noise), assigned to identities in a random
+    order drawn from ``seed`` (independent of every other property of an identity).
+
+    Returns:
+        ``n`` ints in ``[lo, hi]``.
+    """
+    u = (np.random.default_rng([seed, 5]).permutation(n) + 0.5) / n
+    a = float(exponent)
+    if abs(a - 1.0) < 1e-12:
+        x = lo * (hi / lo) ** u
+    else:
+        e = 1.0 - a
+        x = (lo**e + u * (hi**e - lo**e)) ** (1.0 / e)
+    return [int(v) for v in np.clip(np.rint(x), lo, hi)]
+
+
+def family_of(seed: int, split_start: int, split_size: int, family_size: int, family_fraction: float) -> list[int]:
+    """Family of each identity of a split: the global id of the family's first member, or -1.
+
+    Blocks of ``family_size`` consecutive identities (the last one may be shorter); a block of at
+    least two identities is a family with probability ``family_fraction`` (one seeded draw per
+    block, so the answer does not depend on other splits).
+    """
+    out = [-1] * split_size
+    if family_size <= 1:
+        return out
+    for b0 in range(0, split_size, family_size):
+        members = range(b0, min(b0 + family_size, split_size))
+        if len(members) >= 2 and np.random.default_rng([seed, 3, split_start + b0]).random() < family_fraction:
+            for i in members:
+                out[i] = split_start + b0
+    return out
 
 
 # ----------------------------------------------------------------------------- identities
 
 
-def identity_params(seed: int, gid: int, difficulty_range: tuple[float, float] = (0.0, 1.0)) -> dict[str, Any]:
-    """Geometry, colours and difficulty of global identity ``gid`` (deterministic)."""
-    r = np.random.default_rng([seed, 0, gid])
+def identity_params(seed: int, gid: int, difficulty_range: tuple[float, float] = (0.0, 1.0),
+                    family: int = -1, family_share: float = 0.8) -> dict[str, Any]:
+    """Geometry, colours and difficulty of global identity ``gid`` (deterministic).
+
+    With ``family >= 0`` every parameter but the difficulty is pulled towards the family's own
+    draw: ``family + (1 - family_share) * (own - family)`` (booleans: the family's).
+    """
+    p = _draw_params(np.random.default_rng([seed, 0, gid]), difficulty_range)
+    if family < 0:
+        return p
+    f = _draw_params(np.random.default_rng([seed, 4, family]), difficulty_range)
+    keep = 1.0 - float(family_share)
+    for k, v in f.items():
+        if k == "difficulty":
+            continue
+        if isinstance(v, bool):
+            p[k] = v
+        else:
+            p[k] = v + keep * (p[k] - v)
+    return p
+
+
+def _draw_params(r: np.random.Generator, difficulty_range: tuple[float, float]) -> dict[str, Any]:
     lo, hi = difficulty_range
     skin = np.array([0.55, 0.42, 0.33]) + r.uniform(-0.25, 0.35) * np.array([1.0, 0.95, 0.9])
     skin += r.normal(0, 0.04, 3)
@@ -282,18 +423,27 @@ def encode_jpeg(img: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def render_identity(args: tuple[int, int, int, int, int, tuple[float, float]]) -> list[bytes]:
-    """Renders ``n`` JPEGs of global identity ``gid``: ``(seed, gid, n, size, quality, drange)``."""
-    seed, gid, n, size, quality, drange = args
-    p = identity_params(seed, gid, drange)
+Job = tuple  # (seed, gid, n, size, quality, drange[, family, family_share, first_image])
+
+
+def render_identity(args: Job) -> list[bytes]:
+    """Renders ``n`` JPEGs of global identity ``gid``.
+
+    ``args`` is ``(seed, gid, n, size, quality, drange)``, optionally followed by
+    ``(family, family_share, first_image)``: image numbers run from ``first_image`` (probe
+    images continue after the training ones).
+    """
+    seed, gid, n, size, quality, drange = args[:6]
+    family, share, k0 = args[6:9] if len(args) > 6 else (-1, 0.8, 0)
+    p = identity_params(seed, gid, drange, family, share)
     return [encode_jpeg(render_face(p, np.random.default_rng([seed, 1, gid, k]), size), quality)
-            for k in range(n)]
+            for k in range(k0, k0 + n)]
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def _render_all(jobs: list[tuple[int, int, int, int, int, tuple[float, float]]], workers: int,
+def _render_all(jobs: list[Job], workers: int,
                 progress: bool, desc: str) -> Iterator[list[bytes]]:
     bar = None
     if progress:
@@ -318,9 +468,16 @@ def _render_all(jobs: list[tuple[int, int, int, int, int, tuple[float, float]]],
             bar.close()
 
 
-def _write_rec(path: Path, gids: list[int], n: int, cfg: SynthConfig, workers: int, progress: bool,
-               desc: str) -> int:
-    jobs = [(cfg.seed, g, n, cfg.image_size, cfg.jpeg_quality, cfg.difficulty_range) for g in gids]
+def _jobs(cfg: SynthConfig, gids: list[int], sizes: list[int], families: list[int],
+          first: list[int] | None = None) -> list[Job]:
+    base = [(cfg.seed, g, n, cfg.image_size, cfg.jpeg_quality, cfg.difficulty_range) for g, n in zip(gids, sizes)]
+    if not cfg.study_options:
+        return base  # the exact jobs of earlier versions
+    first = first or [0] * len(gids)
+    return [j + (f, cfg.family_share, k0) for j, f, k0 in zip(base, families, first)]
+
+
+def _write_rec(path: Path, jobs: list[Job], workers: int, progress: bool, desc: str) -> int:
     with InsightFaceWriter(path) as w:
         for label, jpegs in enumerate(_render_all(jobs, workers, progress, desc)):
             for j in jpegs:
@@ -352,13 +509,17 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike[str], config: SynthCon
     train_ids = list(range(n_tr))
     ver_ids = list(range(n_tr, n_tr + n_ver))
     cl_ids = list(range(n_tr + n_ver, n_tr + n_ver + n_cl))
+    # The difficulty (nuisance level) is drawn before any family blending, so it is the same
+    # with or without families.
     diff = lambda gids: [identity_params(cfg.seed, g, cfg.difficulty_range)["difficulty"] for g in gids]  # noqa: E731
+    fam = {name: family_of(cfg.seed, ids[0] if ids else 0, len(ids), cfg.family_size, cfg.family_fraction)
+           for name, ids in (("train", train_ids), ("verification", ver_ids), ("clustering", cl_ids))}
+    sizes = cfg.class_sizes()
 
-    n_train = _write_rec(out / "train.rec", train_ids, cfg.images_per_identity, cfg, workers, progress, "train")
+    n_train = _write_rec(out / "train.rec", _jobs(cfg, train_ids, sizes, fam["train"]), workers, progress, "train")
 
     # Verification pairs: identities disjoint from training.
-    jobs = [(cfg.seed, g, cfg.ver_images_per_identity, cfg.image_size, cfg.jpeg_quality,
-             cfg.difficulty_range) for g in ver_ids]
+    jobs = _jobs(cfg, ver_ids, [cfg.ver_images_per_identity] * n_ver, fam["verification"])
     ver_imgs = list(_render_all(jobs, workers, progress, "verification"))
     r = np.random.default_rng([cfg.seed, 2])
     k = cfg.ver_images_per_identity
@@ -381,15 +542,22 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike[str], config: SynthCon
 
     n_cluster = 0
     if n_cl:
-        n_cluster = _write_rec(out / "cluster.rec", cl_ids, cfg.cluster_images_per_identity, cfg,
-                               workers, progress, "cluster")
+        n_cluster = _write_rec(out / "cluster.rec", _jobs(cfg, cl_ids, [cfg.cluster_images_per_identity] * n_cl,
+                                                          fam["clustering"]), workers, progress, "cluster")
         np.save(out / "cluster_labels.npy",
                 np.repeat(np.arange(n_cl, dtype=np.int64), cfg.cluster_images_per_identity))
+
+    n_probe = 0
+    if cfg.probe_images_per_identity:
+        k = cfg.probe_images_per_identity
+        n_probe = _write_rec(out / "probe.rec", _jobs(cfg, train_ids, [k] * n_tr, fam["train"], sizes),
+                             workers, progress, "probe")
+        np.save(out / "probe_labels.npy", np.repeat(np.arange(n_tr, dtype=np.int64), k))
 
     ver_diff = dict(zip(ver_ids, diff(ver_ids)))
     meta = {
         "seed": cfg.seed,
-        "config": asdict(cfg),
+        "config": cfg.record(),
         "difficulty_model": "per-image perturbation magnitude scales with difficulty in [0, 1]",
         "train": {"identities": train_ids, "difficulty": diff(train_ids)},
         "verification": {
@@ -398,10 +566,27 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike[str], config: SynthCon
         },
         "clustering": {"identities": cl_ids, "difficulty": diff(cl_ids)},
     }
+    if cfg.study_options:
+        meta["family_model"] = (f"blocks of {cfg.family_size} identities, a family with probability "
+                                f"{cfg.family_fraction}; members share {cfg.family_share} of their parameters")
+        meta["size_model"] = (f"{cfg.size_distribution}: " + (f"p(n) ~ n^-{cfg.size_exponent} on "
+                              f"[{cfg.images_min}, {cfg.images_max}]" if cfg.size_distribution == "powerlaw"
+                              else f"{cfg.images_per_identity} each"))
+        meta["train"].update(family=fam["train"], images=sizes)
+        meta["verification"]["family"] = fam["verification"]
+        meta["clustering"]["family"] = fam["clustering"]
+        if n_probe:
+            meta["probe"] = {"identities": train_ids, "images_per_identity": cfg.probe_images_per_identity}
     (out / "identities.json").write_text(json.dumps(meta, indent=1))
+    rows = ["split,gid,label,family,images,difficulty"]
+    for split, ids, n_img in (("train", train_ids, sizes), ("verification", ver_ids, [cfg.ver_images_per_identity] * n_ver),
+                              ("clustering", cl_ids, [cfg.cluster_images_per_identity] * n_cl)):
+        for label, (g, f, n_i, d) in enumerate(zip(ids, fam[split], n_img, diff(ids))):
+            rows.append(f"{split},{g},{label},{f},{n_i},{d:.6f}")
+    (out / "identities.csv").write_text("\n".join(rows) + "\n")
     summary = {
         "out_dir": str(out), "train_identities": n_tr, "train_images": n_train,
         "verification_pairs": cfg.ver_pairs, "cluster_identities": n_cl, "cluster_images": n_cluster,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "probe_images": n_probe, "seconds": round(time.perf_counter() - t0, 2),
     }
     return summary

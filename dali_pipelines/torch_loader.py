@@ -85,7 +85,7 @@ class BatchDecoder(Dataset[tuple[torch.Tensor | int, torch.Tensor, list[Failure]
                     ) from e
                 ok[j] = False
                 failures.append((int(i), where, f"{type(e).__name__}: {e}"))
-        labels = self.dataset.labels[np.asarray(indices, dtype=np.int64)].copy()
+        labels = np.array(self.dataset.labels[np.asarray(indices, dtype=np.int64)], dtype=np.int64)
         if failures:
             good = np.nonzero(ok)[0]
             if good.size == 0:

@@ -75,6 +75,9 @@ pfc_run_requeueable() {
         kill -0 "$pid" 2>/dev/null || break
     done
     trap - USR1 TERM
+    if [ -n "${PFC_EXIT_STATUS_DIR:-}" ]; then  # one srun task per rank: their own codes decide
+        rc=$(pfc_worker_exit "$rc" "$PFC_EXIT_STATUS_DIR")
+    fi
     echo "launch: training step exited with status $rc (preempted=$preempted)" >&2
     if [ "$rc" = 75 ] || { [ "$preempted" = 1 ] && [ "$rc" != 0 ]; }; then
         local restarts=${SLURM_RESTART_COUNT:-0} limit=${PFC_MAX_REQUEUES:-20}
@@ -89,4 +92,71 @@ pfc_run_requeueable() {
         fi
     fi
     return "$rc"
+}
+
+# pfc_worker_exit RC DIR: prints the exit code to report for a launcher that returned RC, from
+# the codes the training processes recorded in DIR (PFC_EXIT_STATUS_DIR: one file
+# round<restart>.rank<rank> each, written by `pfc train`; only the latest round counts).
+# torchrun's agent reports every worker failure as 1, and exits with its own error when it is
+# signalled, so the workers' codes are the truth: some 75 and otherwise 0 -> 75 (a checkpoint was
+# committed: a rank returns 75 only after the collective save); all 2 or all 3 -> that code;
+# anything else (or nothing recorded) -> RC.
+pfc_worker_exit() {
+    local rc=$1 dir=$2 f name round best=-1 codes="" c
+    if [ "$rc" = 0 ] || [ ! -d "$dir" ]; then
+        echo "$rc"; return 0
+    fi
+    for f in "$dir"/round*.rank*; do
+        [ -f "$f" ] || continue
+        name=${f##*/round}; round=${name%%.*}
+        case "$round" in ''|*[!0-9]*) continue ;; esac
+        [ "$round" -gt "$best" ] && best=$round
+    done
+    [ "$best" -ge 0 ] || { echo "$rc"; return 0; }
+    for f in "$dir"/round"$best".rank*; do
+        c=$(tr -dc '0-9' < "$f" 2>/dev/null || true)
+        [ -n "$c" ] && codes="$codes $c"
+    done
+    local all75=1 seen75=0 first="" same=1
+    for c in $codes; do
+        case "$c" in 75) seen75=1 ;; 0) ;; *) all75=0 ;; esac
+        if [ -z "$first" ]; then first=$c; elif [ "$c" != "$first" ]; then same=0; fi
+    done
+    if [ "$seen75" = 1 ] && [ "$all75" = 1 ]; then
+        echo 75
+    elif [ -n "$first" ] && [ "$same" = 1 ] && { [ "$first" = 2 ] || [ "$first" = 3 ]; }; then
+        echo "$first"
+    else
+        echo "$rc"
+    fi
+}
+
+# pfc_run_workers CMD...: runs CMD (torchrun) in the background with PFC_EXIT_STATUS_DIR set
+# (a fresh directory unless given), forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1 to it, waits,
+# and returns the code pfc_worker_exit derives from the workers' recorded codes.
+pfc_run_workers() {
+    local rc pid own_dir=0 sig
+    if [ -z "${PFC_EXIT_STATUS_DIR:-}" ]; then
+        PFC_EXIT_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/pfc-exit.XXXXXX")
+        own_dir=1
+    fi
+    export PFC_EXIT_STATUS_DIR
+    "$@" &
+    pid=$!
+    for sig in TERM INT HUP QUIT USR1; do
+        # shellcheck disable=SC2064
+        trap "kill -$sig $pid 2>/dev/null || true" "$sig"
+    done
+    # `wait` returns early when a trapped signal arrives, so wait again until CMD has exited.
+    while :; do
+        rc=0
+        wait "$pid" || rc=$?
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    trap - TERM INT HUP QUIT USR1
+    local mapped
+    mapped=$(pfc_worker_exit "$rc" "$PFC_EXIT_STATUS_DIR")
+    [ "$mapped" = "$rc" ] || echo "launch: torchrun exited $rc; the workers' own exit code is $mapped" >&2
+    [ "$own_dir" = 0 ] || rm -rf "$PFC_EXIT_STATUS_DIR"
+    return "$mapped"
 }

@@ -25,6 +25,10 @@
 #                   store. With torchrun's shared store (0) a restarted group can read the
 #                   previous round's addresses and fail to connect (pytorch/pytorch#135712).
 #   DRY_RUN=1       print the command and exit without running it
+#   PFC_EXIT_STATUS_DIR  where the workers record their exit codes (default: a fresh temporary
+#                   directory, removed at the end)
+# Exit status: the workers' own code (0 done, 2 bad input, 3 diverged, 75 checkpointed on a
+# signal and resumable), not torchrun's 1; see docs/launch.md.
 # Extra arguments: KEY=VALUE become `--set KEY=VALUE`; options (`--set k=v`, `--no-export`) pass
 # through to `pfc train`.
 set -euo pipefail
@@ -79,4 +83,9 @@ cmd+=("${PFC_ARGS[@]}")
 
 pfc_print_cmd "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" "${cmd[@]}"
 [ "${DRY_RUN:-0}" = 1 ] && exit 0
-exec "${cmd[@]}"
+# Not exec: torchrun's agent exits 1 for any worker failure (and with its own error when it is
+# signalled), so this shell forwards the signals and then exits with the workers' own code:
+# 75 when they checkpointed on a signal, 2/3 for bad input/divergence (docs/launch.md).
+rc=0
+pfc_run_workers "${cmd[@]}" || rc=$?
+exit "$rc"

@@ -17,9 +17,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import ParallelContext, all_reduce_no_grad
+from .distributed import ParallelContext, all_gather_no_grad, all_reduce_no_grad
 
-__all__ = ["ClusterBank", "ConcentrationStats", "concentration_stats", "normalized_concentration"]
+__all__ = [
+    "ClusterBank", "ConcentrationStats", "concentration_stats", "normalized_concentration", "COUNT_NORMS",
+    "class_permutation", "permuted_phi", "offline_refresh",
+]
+
+#: How phi uses the class size Z: ``"log"`` (PCL: mean distance / log(Z + alpha)) or ``"none"``
+#: (mean distance only).
+COUNT_NORMS = ("log", "none")
 
 
 class ClusterBank(nn.Module):
@@ -38,7 +45,9 @@ class ClusterBank(nn.Module):
     single first sample gives no distance (its distance to itself would be 0). ``Z_y`` is the
     dataset's image count for the class when known (``class_counts``), else the number of features
     observed so far. Classes without a distance yet have no phi (NaN); see
-    :func:`normalized_concentration` for how they are treated.
+    :func:`normalized_concentration` for how they are treated. With ``count_norm="none"``,
+    ``phi_y = mean_dist_y`` (no class-size term: a control for whether phi tracks cluster
+    looseness or class size).
 
     Buffers (all local to the shard, all in ``state_dict``):
         centers: ``[C, D]`` fp32 cluster centers (zero rows until first observed).
@@ -53,6 +62,7 @@ class ClusterBank(nn.Module):
         momentum: ``m_c`` for the centers.
         phi_momentum: ``m_phi`` for the running mean distance.
         alpha: PCL smoothing constant.
+        count_norm: ``"log"`` (PCL) or ``"none"``; see :data:`COUNT_NORMS`.
         class_counts: Optional ``[C]`` dataset counts for this shard.
         device: Device of the buffers.
     """
@@ -66,8 +76,12 @@ class ClusterBank(nn.Module):
         alpha: float = 10.0,
         class_counts: Optional[torch.Tensor] = None,
         device: Optional[torch.device] = None,
+        count_norm: str = "log",
     ) -> None:
         super().__init__()
+        if count_norm not in COUNT_NORMS:
+            raise ValueError(f"count_norm must be one of {COUNT_NORMS}, got {count_norm!r}")
+        self.count_norm = count_norm
         if not 0.0 <= momentum < 1.0 or not 0.0 <= phi_momentum < 1.0:
             raise ValueError("bank momentum and phi momentum must be in [0, 1)")
         if alpha <= 0:
@@ -156,14 +170,109 @@ class ClusterBank(nn.Module):
             ``[K]`` (or ``[C]``) fp32.
         """
         sl = slice(None) if index is None else index
-        z = torch.where(self.class_counts[sl] > 0, self.class_counts[sl], self.counts[sl]).to(self.mean_dist.dtype)
-        phi = self.mean_dist[sl] / torch.log(z + self.alpha)
+        if self.count_norm == "none":
+            phi = self.mean_dist[sl].clone()
+        else:
+            z = torch.where(self.class_counts[sl] > 0, self.class_counts[sl], self.counts[sl]).to(self.mean_dist.dtype)
+            phi = self.mean_dist[sl] / torch.log(z + self.alpha)
         return torch.where(self.dist_obs[sl] > 0, phi, torch.full_like(phi, float("nan")))
 
     def valid(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Whether each class has a cluster center (has been observed at least once)."""
         sl = slice(None) if index is None else index
         return self.counts[sl] > 0
+
+
+def class_permutation(num_classes: int, seed: int) -> torch.Tensor:
+    """A fixed random permutation of ``[0, num_classes)`` from ``seed`` (the same on every rank).
+
+    The phi-shuffle control gives class ``y`` the concentration of class ``perm[y]``: the
+    distribution of phi (and so of margins and temperatures) is unchanged, its link to the class
+    is gone.
+
+    Returns:
+        ``[num_classes]`` int64 on the CPU.
+    """
+    gen = torch.Generator().manual_seed((int(seed) * 0x9E3779B1 + 0x5A1F) & 0x7FFFFFFFFFFFFFFF)
+    return torch.randperm(num_classes, generator=gen)
+
+
+@torch.no_grad()
+def permuted_phi(phi_local: torch.Tensor, source: torch.Tensor, ranges: list[tuple[int, int]],
+                 ctx: ParallelContext) -> torch.Tensor:
+    """The phi of each local class's source class ``source[i]`` (any rank's), for the shuffle.
+
+    Every rank's phi is all-gathered (padded to the largest shard): ``O(C)`` floats per call, a
+    cost accepted for a study control (never on in the default configuration).
+
+    Args:
+        phi_local: ``[C_local]`` phi of this shard (NaN where unknown).
+        source: ``[C_local]`` int64 global class whose phi each local class takes.
+        ranges: ``[(start, end)]`` class range of every rank, in rank order.
+        ctx: The parallel context.
+
+    Returns:
+        ``[C_local]`` fp32.
+    """
+    if not ctx.is_distributed:
+        return phi_local[source.to(phi_local.device)]
+    width = max(e - s for s, e in ranges)
+    padded = torch.full((width,), float("nan"), device=phi_local.device, dtype=phi_local.dtype)
+    padded[: phi_local.numel()] = phi_local
+    gathered = all_gather_no_grad(padded, ctx).view(ctx.world_size, width)
+    full = torch.cat([gathered[r, : e - s] for r, (s, e) in enumerate(ranges)])
+    return full[source.to(full.device)]
+
+
+@torch.no_grad()
+def offline_refresh(bank: "ClusterBank", class_start: int, num_classes: int, batches, ctx: ParallelContext) -> dict:
+    """Recomputes the bank from a full pass over the data (PCL's offline estimate).
+
+    Centers are the normalised means of every class's L2-normalised features; ``mean_dist`` is
+    the mean distance of those features to that center; ``counts`` their number. Each rank passes
+    the features of its own part of the data; per-class sums are all-reduced as dense ``[C, D]``
+    and ``[C]`` tensors (``O(C * D)`` per rank: a study control, not meant for millions of
+    classes). Classes with no feature keep their old state.
+
+    Args:
+        bank: This rank's shard of the bank.
+        class_start: First global class of the shard.
+        num_classes: Classes on all ranks together.
+        batches: Iterable of ``(features [B, D], labels [B] global int64)``.
+        ctx: The parallel context.
+
+    Returns:
+        ``{"features": n, "classes": k}``: features seen on this rank, classes assigned here.
+    """
+    dev = bank.centers.device
+    d = bank.centers.shape[1]
+    sums = torch.zeros(num_classes, d, device=dev, dtype=torch.float64)
+    counts = torch.zeros(num_classes, device=dev, dtype=torch.float64)
+    kept = []
+    for feats, labels in batches:
+        f = F.normalize(feats.to(dev, torch.float64), dim=1)
+        y = labels.to(dev, torch.int64)
+        if f.ndim != 2 or f.shape[1] != d or y.shape != (f.shape[0],):
+            raise ValueError(f"offline_refresh: expected features [B, {d}] and labels [B], got "
+                             f"{tuple(f.shape)} and {tuple(y.shape)}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"offline_refresh: labels outside [0, {num_classes})")
+        sums.index_add_(0, y, f)
+        counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        kept.append((f, y))
+    sums = all_reduce_no_grad(sums, ctx)
+    counts = all_reduce_no_grad(counts, ctx)
+    centers = F.normalize(sums, dim=1)
+    dist_sum = torch.zeros(num_classes, device=dev, dtype=torch.float64)
+    for f, y in kept:
+        dist_sum.index_add_(0, y, (f - centers[y]).norm(dim=1))
+    dist_sum = all_reduce_no_grad(dist_sum, ctx)
+    n_local = bank.centers.shape[0]
+    sl = slice(class_start, class_start + n_local)
+    seen = torch.nonzero(counts[sl] > 0).squeeze(1)
+    c = counts[sl][seen]
+    bank.assign(seen, centers[sl][seen].float(), (dist_sum[sl][seen] / c).float(), c.round().long())
+    return {"features": int(sum(f.shape[0] for f, _ in kept)), "classes": int(seen.numel())}
 
 
 @dataclass(frozen=True)

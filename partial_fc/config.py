@@ -20,6 +20,9 @@ TEMPERATURES = ("adaptive", "fixed", "learnable")
 EMBEDDING_GRADS = ("ddp_mean", "exact")
 ROW_UPDATES = ("lazy", "dense")
 DIRECTIONS = ("looser_larger", "looser_smaller")
+PHI_COUNT_NORMS = ("log", "none")
+PHI_SHUFFLES = ("none", "margin", "temperature", "both")
+PHI_REFRESHES = ("online", "offline")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,17 @@ class PartialFCConfig:
         bank_momentum: m_c of the Cluster-Center Bank.
         phi_momentum: Momentum of the running mean distance behind phi.
         phi_alpha: PCL smoothing constant alpha.
+        phi_count_norm: ``"log"`` (PCL: phi = mean distance / log(Z + alpha)) or ``"none"``
+            (phi = mean distance; the class size Z plays no part).
+        phi_shuffle: A control that keeps the distribution of phi and removes its information:
+            ``"margin"`` gives CG-ArcFace's margin of class y the phi of class ``perm[y]`` (a
+            fixed random permutation of all classes drawn from ``seed``), ``"temperature"`` does
+            the same for the adaptive Con temperature, ``"both"`` for both; ``"none"`` (default)
+            is the method. Costs one all-gather of every class's phi per step.
+        phi_refresh: ``"online"`` (default: the bank follows every batch) or ``"offline"`` (the
+            bank is left alone by the step and rewritten by a full pass over the training set,
+            :func:`partial_fc.cluster.offline_refresh`, which the caller runs -- ``pfc ablate``
+            does, every epoch; ``pfc train`` does not).
         track_clusters: Keep the bank even when the method does not need it (for statistics);
             ``None`` keeps it exactly when the method needs it.
         con_weight: Weight of the contrastive-slot loss (Con, center or triplet).
@@ -132,6 +146,9 @@ class PartialFCConfig:
     bank_momentum: float = 0.9
     phi_momentum: float = 0.9
     phi_alpha: float = 10.0
+    phi_count_norm: str = "log"
+    phi_shuffle: str = "none"
+    phi_refresh: str = "online"
     track_clusters: Optional[bool] = None
     con_weight: float = 1.0
     ali_weight: float = 1.0
@@ -167,6 +184,12 @@ class PartialFCConfig:
             bad(f"margin_direction must be one of {DIRECTIONS}, got {self.margin_direction!r}")
         if self.margin_grad not in GRAD_MODES:
             bad(f"margin_grad must be one of {GRAD_MODES}, got {self.margin_grad!r}")
+        if self.phi_count_norm not in PHI_COUNT_NORMS:
+            bad(f"phi_count_norm must be one of {PHI_COUNT_NORMS}, got {self.phi_count_norm!r}")
+        if self.phi_shuffle not in PHI_SHUFFLES:
+            bad(f"phi_shuffle must be one of {PHI_SHUFFLES}, got {self.phi_shuffle!r}")
+        if self.phi_refresh not in PHI_REFRESHES:
+            bad(f"phi_refresh must be one of {PHI_REFRESHES}, got {self.phi_refresh!r}")
         if self.temperature not in TEMPERATURES:
             bad(f"temperature must be one of {TEMPERATURES}, got {self.temperature!r}")
         if self.embedding_grad not in EMBEDDING_GRADS:

@@ -11,7 +11,8 @@ gradient contracts):
    a sample of its own with ``con_sample_rate``), or center / triplet loss, and the
    cluster-aligning loss between W and C for the batch's classes;
 5. in training mode, update this rank's shard of the Cluster-Center Bank from the gathered batch,
-   *after* the losses used the previous centers.
+   *after* the losses used the previous centers (with ``phi_refresh = "offline"`` the bank is
+   left to :func:`partial_fc.cluster.offline_refresh` instead).
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .cluster import ClusterBank, ConcentrationStats, concentration_stats, normalized_concentration
+from .cluster import (
+    ClusterBank,
+    ConcentrationStats,
+    class_permutation,
+    concentration_stats,
+    normalized_concentration,
+    permuted_phi,
+)
 from .config import PartialFCConfig
 from .distributed import (
     ParallelContext,
@@ -131,7 +139,14 @@ class PartialFCHead(nn.Module):
             self.bank = ClusterBank(
                 self.num_local_classes, cfg.embedding_size, momentum=cfg.bank_momentum,
                 phi_momentum=cfg.phi_momentum, alpha=cfg.phi_alpha, class_counts=local_counts, device=device,
+                count_norm=cfg.phi_count_norm,
             )
+        # The phi-shuffle control: the global class whose phi each local class takes. Derived
+        # from the seed, so not part of the state dict.
+        source = None
+        if cfg.phi_shuffle != "none" and self.bank is not None:
+            source = class_permutation(cfg.num_classes, cfg.seed)[self.class_start : end].to(device)
+        self.register_buffer("phi_source", source, persistent=False)
         self.log_tau: Optional[nn.Parameter] = None
         if self.aux == "contrastive" and cfg.temperature == "learnable":
             self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.tau), device=device))
@@ -179,23 +194,42 @@ class PartialFCHead(nn.Module):
                 "rate, enable gradient clipping, or check the input data)"
             )
 
-    def _lambda(self, local_class: torch.Tensor, stats: Optional[ConcentrationStats]) -> Optional[torch.Tensor]:
-        """Normalised concentration for target classes (NaN = warm-up margin)."""
+    def _phi_views(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(phi for the margin, phi for the temperature)`` of every local class: the bank's, or
+        the permuted ones of the ``phi_shuffle`` control (collective when shuffling)."""
+        mode = self.config.phi_shuffle
+        if self.phi_source is None or mode == "none":
+            return phi, phi
+        shuffled = permuted_phi(phi, self.phi_source, [self.partition.range(r) for r in range(self.ctx.world_size)],
+                                self.ctx)
+        return (shuffled if mode in ("margin", "both") else phi,
+                shuffled if mode in ("temperature", "both") else phi)
+
+    def _lambda(self, local_class: torch.Tensor, stats: Optional[ConcentrationStats],
+                phi_all: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Normalised concentration for target classes (NaN = warm-up margin).
+
+        ``phi_all`` is the ``[C_local]`` phi the margin reads (default: the bank's).
+        """
         cfg = self.config
         if not self.uses_concentration or self.bank is None or int(self.step) < cfg.margin_warmup_steps:
             return None
-        phi = self.bank.phi(local_class)
+        phi = self.bank.phi(local_class) if phi_all is None else phi_all[local_class]
         if stats is None:
             return torch.full_like(phi, float("nan")) if cfg.margin_warmup_unseen else torch.ones_like(phi)
         return normalized_concentration(phi, stats, unknown="nan" if cfg.margin_warmup_unseen else "max")
 
-    def _temperature(self, index: Optional[torch.Tensor], stats: Optional[ConcentrationStats], k: int, device):
+    def _temperature(self, index: Optional[torch.Tensor], stats: Optional[ConcentrationStats], k: int, device,
+                     phi_all: Optional[torch.Tensor] = None):
         cfg = self.config
         if cfg.temperature == "learnable":
             return self.log_tau.exp()  # 0-d: one temperature for all centers, with a gradient
         if cfg.temperature == "fixed" or stats is None or stats.mean_clipped <= 0:
             return torch.full((k,), cfg.tau, device=device)
-        phi = self.bank.phi(index)
+        if phi_all is None:
+            phi = self.bank.phi(index)
+        else:
+            phi = phi_all if index is None else phi_all[index]
         phi = torch.where(torch.isnan(phi), torch.full_like(phi, stats.max), phi)
         ratio = (phi.clamp(stats.lo, stats.hi) / stats.mean_clipped).clamp(*cfg.tau_ratio_range)
         return cfg.tau * ratio
@@ -251,11 +285,21 @@ class PartialFCHead(nn.Module):
         local_class = global_labels[rows] - self.class_start  # shard-local class of each target
 
         stats = None
+        phi_margin = phi_temp = None
         if self.bank is not None:
-            stats = concentration_stats(self.bank.phi(), ctx, cfg.phi_percentiles, cfg.phi_bins)
+            # Offline phi: the bank must have been filled by a refresh pass. Checked over all ranks
+            # (one tiny all-reduce, offline mode only) so every rank raises together.
+            if cfg.phi_refresh == "offline" and self.training and not bool(all_reduce_no_grad(
+                    self.bank.counts.any().to(torch.float32).reshape(1), ctx, op=dist.ReduceOp.MAX)[0] > 0):
+                raise RuntimeError(
+                    "head.phi_refresh = 'offline' needs the bank filled by partial_fc.cluster.offline_refresh "
+                    "before the first training step (pfc ablate does this every epoch; pfc train does not)")
+            phi_now = self.bank.phi()
+            stats = concentration_stats(phi_now, ctx, cfg.phi_percentiles, cfg.phi_bins)
+            phi_margin, phi_temp = self._phi_views(phi_now)
 
         feats = F.normalize(global_emb, dim=1)
-        lam = self._lambda(local_class, stats)
+        lam = self._lambda(local_class, stats, phi_margin)
         params = self.margin_fn(lam, rows.numel(), device)
         # Scores may run in autocast's low precision; everything after them is fp32. The sampled
         # rows are gathered inside (twice, not kept); W's gradient is row-sparse when lazy.
@@ -282,7 +326,7 @@ class PartialFCHead(nn.Module):
                 con_index, con_target = con_s.index, con_s.target
             k_con = self.num_local_classes if con_index is None else con_index.shape[0]
             con_sampled = k_con
-            tau = self._temperature(con_index, stats, k_con, device)
+            tau = self._temperature(con_index, stats, k_con, device, phi_temp)
             # Chunked online softmax: no [N, K] buffer, no [K, D] copy of the centers; both
             # gradients are computed in forward, before the bank's in-place update below. Its
             # matmuls follow autocast like the CE's; its softmax state is fp32.
@@ -307,7 +351,7 @@ class PartialFCHead(nn.Module):
 
         if self.training:
             self._record_stats(stats, params, sampled.num_sampled, ctx, con_sampled)
-            if self.bank is not None:
+            if self.bank is not None and cfg.phi_refresh == "online":
                 local_all = global_labels - self.class_start
                 in_shard = (local_all >= 0) & (local_all < self.num_local_classes)
                 self.bank.update(feats.detach(), torch.where(in_shard, local_all, torch.full_like(local_all, -1)))
@@ -339,7 +383,8 @@ class PartialFCHead(nn.Module):
         Returns:
             ``(phi [C_local], lam [C_local], params)``: phi and lambda are NaN where unknown (and
             all NaN when the method has no bank); ``params`` holds ``m1, m2, m3`` of shape
-            ``[C_local]``.
+            ``[C_local]``. phi and lambda are the class's own; with ``phi_shuffle`` the margins
+            follow the permuted phi.
         """
         cfg = self.config
         device = self.weight.device
@@ -347,12 +392,14 @@ class PartialFCHead(nn.Module):
         phi = torch.full((n,), float("nan"), device=device)
         lam_out = phi.clone()
         stats = None
+        phi_margin = None
         if self.bank is not None:
             phi = self.bank.phi()
             stats = concentration_stats(phi, self.ctx, cfg.phi_percentiles, cfg.phi_bins)
             if stats is not None:
                 lam_out = normalized_concentration(phi, stats, unknown="nan")
-        lam = self._lambda(torch.arange(n, device=device), stats)
+            phi_margin, _ = self._phi_views(phi)
+        lam = self._lambda(torch.arange(n, device=device), stats, phi_margin)
         return phi, lam_out, self.margin_fn(lam, n, device)
 
     @torch.no_grad()

@@ -9,9 +9,16 @@ writes ``results.json`` (every run) and ``table.md`` (mean +- std over seeds)::
     pfc ablate --out runs/s6opts --runs-dir runs/ablate/runs --data runs/ablate/data \\
         --variants s6-options                             # a second table; reuses arcface and s6
     pfc ablate --quick --out /tmp/smoke                   # a tiny smoke run (seconds)
+    pfc ablate --spec train/studies/cg_study.toml --out runs/cg_study   # issue 17's study (study-v2)
+
+A spec file (``--spec``) holds a ``[study]`` table: :class:`StudySpec` fields (dataset, budget,
+``protocol``) plus ``variants``, ``seeds``, ``jobs``, ``threads``, ``order``; command-line options
+override it. ``protocol = "study-v2"`` evaluates with :mod:`train.study` (all held-out pairs,
+identity groups, probe identification, phi diagnostics) and also writes ``study.md`` (paired
+differences with 95% intervals, :mod:`train.study_stats`).
 
 Variants are preset names (``arcface``, ``s1``...``s6``, ``s2_center``...), groups (``paper``,
-``s6-options``) or a preset with head options, ``METHOD:key=value[:key=value...]`` (a key without
+``s6-options``, ``cg-study``) or a preset with head options, ``METHOD:key=value[:key=value...]`` (a key without
 a dot is a ``head.`` key; values are TOML literals or bare strings), e.g.
 ``s6:margin_direction=looser_smaller:tau=0.05``.
 
@@ -61,6 +68,13 @@ __all__ = [
 
 #: Version of the evaluation protocol; part of every run's fingerprint.
 PROTOCOL = "ablate-v1"
+#: The protocols a study spec can choose (``study-v2``: :mod:`train.study`).
+PROTOCOLS = ("ablate-v1", "study-v2")
+
+# Config keys added after the first study, dropped from a run's fingerprint while at their
+# default, so the first study's finished runs stay reusable.
+_LATER_DEFAULTS = {("data", "image_size"): 112, ("head", "phi_count_norm"): "log", ("head", "phi_shuffle"): "none",
+                   ("head", "phi_refresh"): "online"}
 
 #: Reported metrics, in table order: (key, column title).
 METRICS: tuple[tuple[str, str], ...] = (
@@ -88,6 +102,20 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "s6:temperature=learnable",
         "s6:con_weight=0.25:ali_weight=0.25",
         "s6:margin_warmup_steps=0",
+    ),
+    # Issue 17: which component helps, and does CG's margin follow looseness or class size? Each
+    # control changes one thing (docs/method.md, "Study controls").
+    "cg-study": (
+        "arcface",
+        "s1",                                   # CG-ArcFace, paper direction, PCL phi, online
+        "s1:margin_direction=looser_smaller",   # the reverse direction
+        "s1:phi_shuffle=margin",                # same margins, permuted across classes: no information
+        "s1:phi_count_norm=none",               # phi without the class-size term
+        "s1:phi_refresh=offline",               # phi from a full pass every epoch (PCL)
+        "s2",                                   # Con, adaptive temperature
+        "s2:phi_shuffle=temperature",           # same temperatures, permuted across classes
+        "s2:temperature=fixed",                 # one temperature for all classes
+        "s6",                                   # the full method
     ),
 }
 
@@ -161,6 +189,15 @@ class StudySpec:
         recipe: Base recipe the study's settings and ``--set`` overrides are applied to.
         overrides: ``--set`` overrides applied to every run, after the study's settings.
         far_targets: FARs at which TAR is reported.
+        image_size: Side of the generated images (and of the training input).
+        family_size, family_fraction, family_share, size_distribution, images_min, images_max,
+            size_exponent, probe_images_per_identity: The generator's study options
+            (:class:`dali_pipelines.synth.SynthConfig`); with ``size_distribution = "powerlaw"``
+            ``images_per_identity`` is unused.
+        protocol: ``"ablate-v1"`` (the first study's evaluation) or ``"study-v2"`` (all held-out
+            pairs, identity groups, probe identification, phi diagnostics; :mod:`train.study`).
+        max_impostors: study-v2: at most this many held-out impostor pairs (a seeded sample).
+        curve_every_epochs: study-v2: evaluate the held-out set every this many epochs (0 = never).
     """
 
     identities: int = 300
@@ -176,8 +213,28 @@ class StudySpec:
     recipe: str = "cpu_demo"
     overrides: tuple[str, ...] = ()
     far_targets: tuple[float, ...] = (1e-3, 1e-4)
+    image_size: int = 112
+    family_size: int = 1
+    family_fraction: float = 0.5
+    family_share: float = 0.8
+    size_distribution: str = "fixed"
+    images_min: int = 2
+    images_max: int = 200
+    size_exponent: float = 1.0
+    probe_images_per_identity: int = 0
+    protocol: str = "ablate-v1"
+    max_impostors: int = 5_000_000
+    curve_every_epochs: int = 0
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"ablate: protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.protocol == "study-v2" and (self.family_size < 2 or self.probe_images_per_identity < 1):
+            raise ValueError("ablate: protocol study-v2 needs look-alike families (family_size >= 2) and probe "
+                             "images (probe_images_per_identity >= 1)")
+        if self.max_impostors < 1000 or self.curve_every_epochs < 0:
+            raise ValueError(f"ablate: max_impostors must be >= 1000 and curve_every_epochs >= 0, got "
+                             f"{self.max_impostors}, {self.curve_every_epochs}")
         for name in ("identities", "images_per_identity", "ver_identities", "ver_images_per_identity",
                      "cluster_identities", "cluster_images_per_identity"):
             if getattr(self, name) < 2:
@@ -196,6 +253,10 @@ class StudySpec:
             ver_identities=self.ver_identities, ver_images_per_identity=self.ver_images_per_identity,
             ver_pairs=self.ver_pairs, cluster_identities=self.cluster_identities,
             cluster_images_per_identity=self.cluster_images_per_identity, seed=self.data_seed,
+            image_size=self.image_size, family_size=self.family_size, family_fraction=self.family_fraction,
+            family_share=self.family_share, size_distribution=self.size_distribution, images_min=self.images_min,
+            images_max=self.images_max, size_exponent=self.size_exponent,
+            probe_images_per_identity=self.probe_images_per_identity,
         )
 
     def study_sets(self) -> list[str]:
@@ -212,7 +273,9 @@ class StudySpec:
             "evaluation.bin_files=[]", "evaluation.every_steps=0",
             "checkpoint.every_steps=0", "checkpoint.resume=none", "checkpoint.keep_last=1",
             "metrics.prometheus=false", "metrics.progress_bar=false", "export.onnx=false",
-        ]
+        ] + ([f"data.image_size={self.image_size}"] if self.image_size != 112 else []) + (
+            # Every variant keeps the bank (phi of the baseline too); it does not change training.
+            ["head.track_clusters=true"] if self.protocol == "study-v2" else [])
 
 
 QUICK = StudySpec(identities=12, images_per_identity=6, ver_identities=9, ver_images_per_identity=4, ver_pairs=60,
@@ -224,7 +287,7 @@ def ensure_dataset(spec: StudySpec, data_dir: Path) -> dict[str, Any]:
     from dali_pipelines.synth import generate_synthetic_dataset
 
     sc = spec.synth_config()
-    want = json.loads(json.dumps(dataclasses.asdict(sc)))
+    want = sc.record()
     meta = data_dir / "identities.json"
     needed = ("train.rec", "train.idx", "verification.bin", "cluster.rec", "cluster.idx")
     if meta.is_file() and all((data_dir / n).is_file() for n in needed):
@@ -392,8 +455,13 @@ def _fingerprint(cfg_dict: Mapping[str, Any], spec: StudySpec) -> str:
     c.get("run", {}).pop("output_dir", None)
     c.get("data", {}).pop("train_rec", None)
     c.get("data", {}).get("synth", {}).pop("out_dir", None)
-    payload = {"config": c, "dataset": dataclasses.asdict(spec.synth_config()), "protocol": PROTOCOL,
+    for (section, key), default in _LATER_DEFAULTS.items():
+        if c.get(section, {}).get(key, default) == default:
+            c.get(section, {}).pop(key, None)
+    payload = {"config": c, "dataset": spec.synth_config().record(), "protocol": PROTOCOL,
                "fars": list(spec.far_targets)}
+    if spec.protocol != PROTOCOL:
+        payload.update(protocol=spec.protocol, max_impostors=spec.max_impostors, curve=spec.curve_every_epochs)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -453,11 +521,25 @@ def train_and_evaluate(spec: StudySpec, variant: Variant, seed: int, runs_dir: P
     data = get_data()
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     trainer = Trainer(cfg, handle_signals=False)
+    extra: dict[str, Any] = {}
     try:
-        summary = trainer.fit()
-        t1 = time.perf_counter()
-        metrics = evaluate_run(trainer.engine.module, data, seed=seed, fars=spec.far_targets,
-                               batch_size=cfg.evaluation.batch_size)
+        if spec.protocol == "study-v2":
+            from .study import StudyHooks, evaluate_study_run
+
+            hooks = StudyHooks(trainer, data, offline=cfg.head.phi_refresh == "offline",
+                               curve_every=spec.curve_every_epochs, fars=spec.far_targets,
+                               max_impostors=spec.max_impostors, seed=seed)
+            summary = trainer.fit(on_step=hooks)
+            t1 = time.perf_counter()
+            extra = evaluate_study_run(trainer, data, hooks, seed=seed, fars=spec.far_targets,
+                                       max_impostors=spec.max_impostors)
+            metrics = extra.pop("metrics")
+            extra["steps_per_epoch"] = hooks.spe
+        else:
+            summary = trainer.fit()
+            t1 = time.perf_counter()
+            metrics = evaluate_run(trainer.engine.module, data, seed=seed, fars=spec.far_targets,
+                                   batch_size=cfg.evaluation.batch_size)
     finally:
         trainer.close()
         teardown_logging()
@@ -471,6 +553,7 @@ def train_and_evaluate(spec: StudySpec, variant: Variant, seed: int, runs_dir: P
         "wall_s": round(t2 - t0, 2), "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2),
         "torch_threads": torch.get_num_threads(), "pid": os.getpid(),
         "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)], "run_dir": str(cfg.run_dir),
+        **extra,
     }
     _atomic_write(cfg.run_dir / "result.json", json.dumps(result, indent=2))
     return dict(result, reused=False)
@@ -480,16 +563,26 @@ def train_and_evaluate(spec: StudySpec, variant: Variant, seed: int, runs_dir: P
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(threads: int, data_dir: str) -> None:
+def make_eval_data(spec: StudySpec, data_dir: Path):
+    """The decoded held-out data the spec's protocol evaluates on."""
+    if spec.protocol == "study-v2":
+        from .study import StudyData
+
+        return StudyData(data_dir, spec.image_size)
+    return EvalData(data_dir, spec.image_size)
+
+
+def _worker_init(threads: int, data_dir: str, spec: Optional[StudySpec] = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
     _WORKER["data_dir"] = data_dir
+    _WORKER["spec"] = spec or StudySpec()
 
 
-def _worker_data() -> EvalData:
+def _worker_data():
     if "data" not in _WORKER:
-        _WORKER["data"] = EvalData(Path(_WORKER["data_dir"]))
+        _WORKER["data"] = make_eval_data(_WORKER["spec"], Path(_WORKER["data_dir"]))
     return _WORKER["data"]
 
 
@@ -535,13 +628,14 @@ def _percent(cell: Optional[Mapping[str, float]], signed: bool = False) -> Optio
     return text
 
 
-def format_table(agg: Mapping[str, Mapping[str, Mapping[str, float]]], baseline: Optional[str] = "arcface") -> str:
+def format_table(agg: Mapping[str, Mapping[str, Mapping[str, float]]], baseline: Optional[str] = "arcface",
+                 metrics: Sequence[tuple[str, str]] = METRICS) -> str:
     """A Markdown table of ``aggregate``'s output, values in percent (mean +- std).
 
     The best mean of each column is bold; a row's mean is marked ``*`` when it is below the
     baseline's mean (when a baseline row is present).
     """
-    cols = [(k, t) for k, t in METRICS if any(k in row for row in agg.values())]
+    cols = [(k, t) for k, t in metrics if any(k in row for row in agg.values())]
     best = {}
     for k, _ in cols:
         means = [row[k]["mean"] for row in agg.values() if k in row and math.isfinite(row[k]["mean"])]
@@ -597,9 +691,10 @@ def paired_deltas(runs: Sequence[Mapping[str, Any]], baseline: str = "arcface",
     return out
 
 
-def format_delta_table(deltas: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+def format_delta_table(deltas: Mapping[str, Mapping[str, Mapping[str, float]]],
+                       metrics: Sequence[tuple[str, str]] = METRICS) -> str:
     """Markdown table of :func:`paired_deltas`, in percentage points: ``mean ± std (wins/n)``."""
-    cols = list(METRICS)
+    cols = list(metrics)
     lines = ["| variant - baseline | " + " | ".join(t for _, t in cols) + " |", "|---|" + "---|" * len(cols)]
     for name, row in deltas.items():
         cells = []
@@ -629,7 +724,8 @@ def _machine() -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
-def write_figure(agg: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path) -> Optional[Path]:
+def write_figure(agg: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path,
+                 metrics: Sequence[tuple[str, str]] = METRICS) -> Optional[Path]:
     """A bar chart of every metric per variant with std error bars; ``None`` without matplotlib."""
     try:
         import matplotlib
@@ -639,7 +735,10 @@ def write_figure(agg: Mapping[str, Mapping[str, Mapping[str, float]]], path: Pat
     except ImportError:
         return None
     names = list(agg)
-    cols = [(k, t) for k, t in METRICS if all(math.isfinite(agg[n][k]["mean"]) for n in names if k in agg[n])]
+    cols = [(k, t) for k, t in metrics
+            if all(k in agg[n] and math.isfinite(agg[n][k]["mean"]) for n in names)]
+    if not cols:
+        return None
     fig, axes = plt.subplots(1, len(cols), figsize=(2.1 * len(cols), 0.28 * len(names) + 1.4), sharey=True)
     axes = np.atleast_1d(axes)
     y = np.arange(len(names))
@@ -702,6 +801,13 @@ def run_study(spec: StudySpec, variants: Sequence[Variant], seeds: Sequence[int]
     if order not in ("seed", "variant"):
         raise ValueError(f"order must be 'seed' or 'variant', got {order!r}")
     tasks = [(v, s) for s in seeds for v in variants] if order == "seed" else [(v, s) for v in variants for s in seeds]
+    if spec.protocol == "study-v2":
+        from .study import METRICS_V2
+
+        metric_cols: tuple[tuple[str, str], ...] = tuple((k, t) for k, t, _ in METRICS_V2)
+    else:
+        metric_cols = METRICS
+    metric_keys = tuple(k for k, _ in metric_cols)
     done: dict[int, dict[str, Any]] = {}
     state: dict[str, Any] = {}
 
@@ -709,22 +815,30 @@ def run_study(spec: StudySpec, variants: Sequence[Variant], seeds: Sequence[int]
         done[i] = r
         v, seed = tasks[i]
         m = r["metrics"]
-        print(f"[ablate] {len(done)}/{len(tasks)} {v.label} seed {seed}: acc {m['acc']:.4f} TAR@1e-3 "
-              f"{m['tar_1e-3']:.4f} hard acc {m['hard_acc']:.4f} NMI {m['nmi']:.4f} BCubed F {m['bcubed_f']:.4f} "
+        shown = ("acc", "tar_1e-3", "hard_acc", "nmi", "bcubed_f") if spec.protocol == PROTOCOL else (
+            "tar_1e-3", "tar_1e-4", "fa_lookalike_1e-4", "probe_top1", "nmi", "phi_logz_rho")
+        print(f"[ablate] {len(done)}/{len(tasks)} {v.label} seed {seed}: "
+              + " ".join(f"{k} {m.get(k, math.nan):.4f}" for k in shown) + " "
               + ("(reused)" if r["reused"] else f"({r['wall_s']:.0f} s, load {r['loadavg_1m'][0]:.1f})"), flush=True)
         runs = [done[j] for j in sorted(done)]
-        agg = aggregate(runs)
+        agg = aggregate(runs, metric_keys)
         state["result"] = dict(study, runs=runs, aggregate=agg, wall_s=round(time.perf_counter() - t0, 1),
                                loadavg_end=list(os.getloadavg()),
                                finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         _atomic_write(out / "results.json", json.dumps(state["result"], indent=1, default=float))
-        deltas = paired_deltas(runs)
+        deltas = paired_deltas(runs, metrics=metric_keys)
         state["result"]["paired_deltas"] = deltas
+        if spec.protocol == "study-v2":
+            from .study import study_report
+
+            text, numbers = study_report(runs)
+            state["result"]["study"] = numbers
+            _atomic_write(out / "study.md", text)
         _atomic_write(out / "results.json", json.dumps(state["result"], indent=1, default=float))
-        table = format_table(agg)
+        table = format_table(agg, metrics=metric_cols)
         if deltas:
             table += ("\nPaired differences to `arcface` (same seed), percentage points: mean ± std "
-                      "(seeds where the variant is higher / seeds)\n\n" + format_delta_table(deltas))
+                      "(seeds where the variant is higher / seeds)\n\n" + format_delta_table(deltas, metric_cols))
         _atomic_write(out / "table.md", table)
 
     todo = []
@@ -744,11 +858,11 @@ def run_study(spec: StudySpec, variants: Sequence[Variant], seeds: Sequence[int]
             import torch
 
             torch.set_num_threads(threads)
-        cache: list[EvalData] = []
+        cache: list = []
 
-        def get_data() -> EvalData:
+        def get_data():
             if not cache:
-                cache.append(EvalData(data_dir))
+                cache.append(make_eval_data(spec, data_dir))
             return cache[0]
 
         for i in todo:
@@ -759,56 +873,113 @@ def run_study(spec: StudySpec, variants: Sequence[Variant], seeds: Sequence[int]
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads or 1, str(data_dir))) as pool:
+                                 initializer=_worker_init, initargs=(threads or 1, str(data_dir), spec)) as pool:
             futures = {pool.submit(_worker_run, spec, tasks[i][0], tasks[i][1], str(runs_dir), str(data_dir)): i
                        for i in todo}
             for f in as_completed(futures):
                 record(futures[f], f.result())
     result = state["result"]
     if figure and result["aggregate"]:
-        fig = write_figure(result["aggregate"], out / "ablation.png")
+        fig = write_figure(result["aggregate"], out / "ablation.png", metric_cols)
         if fig is not None:
             result["figure"] = str(fig)
-            _atomic_write(out / "results.json", json.dumps(result, indent=1, default=float))
+        if spec.protocol == "study-v2":
+            from .study import write_curve_figure
+
+            curve = write_curve_figure(result["runs"], out / "curves.png")
+            if curve is not None:
+                result["curve_figure"] = str(curve)
+        _atomic_write(out / "results.json", json.dumps(result, indent=1, default=float))
     return result
 
 
 # ------------------------------------------------------------------------------------ CLI
+#: Keys of a spec file's ``[study]`` table that are not :class:`StudySpec` fields.
+_RUN_KEYS = ("variants", "seeds", "jobs", "threads", "order")
+
+
+def load_spec(path: Path) -> tuple[StudySpec, dict[str, Any]]:
+    """Reads a study spec TOML: a ``[study]`` table of :class:`StudySpec` fields plus
+    ``variants``, ``seeds``, ``jobs``, ``threads`` and ``order`` (see ``train/studies/``).
+
+    Raises:
+        ValueError: Unreadable file, missing table, unknown key (named with the file).
+    """
+    import tomllib
+
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"--spec {path}: {e}") from e
+    table = doc.get("study")
+    if not isinstance(table, dict) or set(doc) - {"study"}:
+        raise ValueError(f"--spec {path}: expected exactly one [study] table, got {sorted(doc)}")
+    fields = {f.name for f in dataclasses.fields(StudySpec)}
+    unknown = sorted(set(table) - fields - set(_RUN_KEYS))
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], sorted(fields | set(_RUN_KEYS)), n=1)
+        raise ValueError(f"--spec {path}: unknown key study.{unknown[0]}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    run = {k: table[k] for k in _RUN_KEYS if k in table}
+    kw = {k: v for k, v in table.items() if k in fields}
+    for k in ("overrides", "far_targets"):
+        if k in kw:
+            kw[k] = tuple(kw[k])
+    try:
+        return StudySpec(**kw), run
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--spec {path}: {e}") from e
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``pfc ablate``: see the module docstring. Returns the exit code."""
     p = argparse.ArgumentParser(
         prog="pfc ablate", description="Train and evaluate the ablation variants on the synthetic dataset (CPU).")
     p.add_argument("--out", required=True, type=Path, help="output directory (results.json, table.md, runs/, data/)")
-    p.add_argument("--variants", nargs="+", default=["paper"],
-                   help="presets, groups (paper, s6-options) or METHOD:key=value... (default: paper)")
+    p.add_argument("--spec", type=Path, default=None,
+                   help="a study spec TOML (dataset, budget, protocol, variants, seeds, jobs; e.g. "
+                        "train/studies/cg_study.toml); the options below override it")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="presets, groups (paper, s6-options, cg-study) or METHOD:key=value... (default: paper)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1 2)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: %d)" % StudySpec.steps)
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: %d)" % StudySpec.batch_size)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override applied to every run (repeatable)")
-    p.add_argument("--config", default=StudySpec.recipe, help="base recipe (default: %(default)s)")
+    p.add_argument("--config", default=None, help="base recipe (default: %s)" % StudySpec.recipe)
     p.add_argument("--runs-dir", type=Path, default=None, help="run directories (default: OUT/runs); "
                    "point two studies at the same one to share runs")
     p.add_argument("--data", type=Path, default=None, help="dataset directory (default: OUT/data)")
     p.add_argument("--quick", action="store_true", help="a tiny dataset and 3 steps per run (smoke test)")
     p.add_argument("--no-figure", action="store_true", help="do not draw ablation.png")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default 1)")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained at once, one process each (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per job process (default 1 with --jobs > 1)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: collect the finished runs and write results.json, table.md, the figure")
-    p.add_argument("--order", choices=("seed", "variant"), default="seed",
+    p.add_argument("--order", choices=("seed", "variant"), default=None,
                    help="outer loop: every variant of a seed first (default), or every seed of a variant")
     args = p.parse_args(argv)
     try:
-        variants = parse_variants(args.variants)
-        base = QUICK if args.quick else StudySpec()
-        changes: dict[str, Any] = {"recipe": args.config, "overrides": tuple(args.overrides)}
+        run_opts: dict[str, Any] = {}
+        if args.spec is not None:
+            if args.quick:
+                raise ValueError("--quick and --spec exclude each other")
+            base, run_opts = load_spec(args.spec)
+        else:
+            base = QUICK if args.quick else StudySpec()
+        variants = parse_variants(args.variants or run_opts.get("variants") or ["paper"])
+        changes: dict[str, Any] = {"recipe": args.config or base.recipe,
+                                   "overrides": base.overrides + tuple(args.overrides)}
         if args.steps is not None:
             changes["steps"] = args.steps
         if args.batch_size is not None:
             changes["batch_size"] = args.batch_size
         spec = dataclasses.replace(base, **changes)
-        seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+        seeds = args.seeds if args.seeds is not None else run_opts.get("seeds", [0] if args.quick else [0, 1, 2])
+        args.jobs = args.jobs if args.jobs is not None else int(run_opts.get("jobs", 1))
+        args.threads = args.threads if args.threads is not None else run_opts.get("threads")
+        args.order = args.order or run_opts.get("order", "seed")
         if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
             raise ValueError(f"--seeds must be distinct non-negative integers, got {seeds}")
         if args.jobs < 1 or (args.threads is not None and args.threads < 1):
@@ -823,7 +994,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = run_study(spec, variants, seeds, args.out, runs_dir=args.runs_dir, data_dir=args.data,
                        figure=not args.no_figure, command=command, jobs=args.jobs, threads=args.threads,
                        order=args.order, train=not args.report_only)
-    print(format_table(result["aggregate"]), end="")
+    table = args.out / "table.md"
+    print(table.read_text() if table.is_file() else "", end="")
     missing = result.get("missing") or []
     print(f"[ablate] {len(result['runs'])} runs in {result.get('wall_s', 0):.0f} s"
           + (f", {len(missing)} not run (--report-only)" if missing else "")

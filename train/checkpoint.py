@@ -46,6 +46,8 @@ Gradient/optimizer semantics:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -73,6 +75,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "find_latest",
+    "list_checkpoints",
+    "check_checkpoint",
     "export_backbone_state",
     "load_backbone_and_extra",
     "read_manifest",
@@ -132,18 +136,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` or an exception it was raised from is ENOSPC/EDQUOT.
+
+    torch.save reports a failed write as ``RuntimeError: ... unexpected pos A vs B``, with the
+    ``OSError`` of the write only in ``__context__``.
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _name_disk_full(path: Path):
+    """Turns any failure caused by a full disk (or quota) into ``no space left on device: PATH``."""
+    try:
+        yield
+    except Exception as e:
+        if _disk_full(e):
+            raise OSError(errno.ENOSPC, f"no space left on device: {path}") from e
+        raise
+
+
 def _save_file(obj: Any, path: Path) -> dict:
     """``torch.save`` + fsync; returns ``{"size", "sha256"}`` of the bytes on disk."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    with _name_disk_full(path):
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
     return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}{_TMP_MARK}{secrets.token_hex(4)}")
-    with open(tmp, "w") as f:
+    with _name_disk_full(tmp), open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -471,26 +502,67 @@ def find_latest(ckpt_root: PathLike) -> Optional[Path]:
             warnings.warn(f"ignoring incomplete checkpoint {p} (an interrupted save)", stacklevel=2)
     for _, path in reversed(_step_dirs(root)):
         try:
-            _check_complete(path)
+            if _check_complete(path).get("finite") is False:
+                raise CheckpointError("its manifest records non-finite values")
             return path
         except CheckpointError as e:
             warnings.warn(f"ignoring incomplete checkpoint {path}: {e}", stacklevel=2)
     return None
 
 
+def list_checkpoints(ckpt_root: PathLike) -> list[Path]:
+    """Every ``step_*`` directory under ``ckpt_root``, newest first, complete or not.
+
+    For callers that try them in turn (the trainer's auto-resume falls back from a damaged
+    newest checkpoint to the newest one :func:`check_checkpoint` accepts).
+    """
+    return [path for _, path in reversed(_step_dirs(Path(ckpt_root)))]
+
+
+#: Checkpoints whose every file matched its sha256 in this process: {directory: manifest mtime}.
+#: Retention re-hashes a checkpoint once per process, not at every save.
+_HASH_VERIFIED: dict[str, int] = {}
+
+
+def _verified_good(path: Path) -> bool:
+    """Complete, not recorded as non-finite, and every file matches its sha256 (cached)."""
+    try:
+        manifest = _check_complete(path)
+        if manifest.get("finite") is False:
+            return False
+        stamp = (path / MANIFEST).stat().st_mtime_ns
+        if _HASH_VERIFIED.get(str(path)) != stamp:
+            _check_files(path, manifest, manifest["files"], hashes=True)
+            _HASH_VERIFIED[str(path)] = stamp
+        return True
+    except (CheckpointError, OSError):
+        return False
+
+
 def _prune(root: Path, keep_last: Optional[int], keep: Path) -> None:
-    """Deletes complete checkpoints beyond the newest ``keep_last`` and stale ``.tmp-`` dirs."""
+    """Keeps the newest ``keep_last`` verified checkpoints; deletes older ones and stale ``.tmp-`` dirs.
+
+    Only verified checkpoints count (complete, not recorded as non-finite, sha256 intact; see
+    :func:`_verified_good`): a damaged one never takes the place of a good one, so the newest
+    good checkpoint always survives. ``keep`` (the checkpoint just written and hashed) counts as
+    verified. Damaged directories newer than the oldest kept one are left alone (with a
+    warning) for inspection; older ones go with the rest.
+    """
     for p in root.iterdir():
         if (_TMP_MARK in p.name or ".replaced-" in p.name) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
     if keep_last is None:
         return
-    complete = []
-    for step, path in _step_dirs(root):
-        if (path / MANIFEST).is_file():
-            complete.append(path)
-    for path in complete[: max(0, len(complete) - keep_last)]:
-        if path != keep:
+    kept = 0
+    for _, path in reversed(_step_dirs(root)):
+        if kept < keep_last:
+            if path == keep or _verified_good(path):
+                kept += 1
+            else:
+                log.warning("retention: %s is damaged or incomplete; it is not counted as one of the "
+                            "keep_last=%d checkpoints", path, keep_last)
+        elif path != keep:
+            _HASH_VERIFIED.pop(str(path), None)
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -554,6 +626,7 @@ def save_checkpoint(
     scaler: Any = None,
     extra_state: Optional[dict] = None,
     keep_last: Optional[int] = 3,
+    finite: Optional[bool] = None,
 ) -> Path:
     """Writes one logical checkpoint ``<ckpt_root>/step_{step:09d}/`` atomically. Collective.
 
@@ -574,8 +647,11 @@ def save_checkpoint(
         scaler: The AMP loss scaler (``torch.amp.GradScaler``), or ``None``.
         extra_state: Trainer state (epoch, data position, config...) made of tensors, numbers,
             strings, None and dict/list/tuple of those; returned by :func:`load_checkpoint`.
-        keep_last: Number of newest complete checkpoints kept (older ones are deleted after this one
-            is committed); ``None`` keeps all.
+        keep_last: Number of newest verified checkpoints kept (older ones are deleted after this one
+            is committed; see :func:`_prune`); ``None`` keeps all.
+        finite: When given, recorded in the manifest as ``"finite"`` with ``"verified_step"``:
+            the caller checked that every tensor of the state is finite. A checkpoint recorded
+            as not finite is never resumed from nor counted by retention.
 
     Returns:
         The committed checkpoint directory.
@@ -670,8 +746,12 @@ def save_checkpoint(
                 "rng_files": [f"rng_rank{r}.pt" for r in range(ctx.world_size)],
                 "files": dict(sorted(all_files.items())),
             }
+            if finite is not None:
+                # The trainer checked every tensor of this state (all ranks) just before the save.
+                manifest["finite"] = bool(finite)
+                manifest["verified_step"] = int(step)
             mtmp = tmp / f"{MANIFEST}.partial"
-            with open(mtmp, "w") as f:
+            with _name_disk_full(mtmp), open(mtmp, "w") as f:
                 json.dump(manifest, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
@@ -801,6 +881,81 @@ def _load_optimizer(head, head_optimizer, replicated: dict, sharded_state: dict,
     head_optimizer.load_state_dict(
         {"state": {index[n]: dict(s) for n, s in state_by_name.items() if n in index}, "param_groups": groups}
     )
+
+
+def check_checkpoint(
+    path: PathLike,
+    head: nn.Module,
+    head_optimizer: Optional[torch.optim.Optimizer] = None,
+    *,
+    backbone: Optional[nn.Module] = None,
+    verify: bool = True,
+) -> dict:
+    """Checks, changing nothing, that :func:`load_checkpoint` can restore ``path`` into this job.
+
+    Collective. Every rank checks what it would read: the manifest (complete, supported
+    version, not recorded as non-finite, ``num_classes``/``embedding_size`` of the head), the size
+    and (``verify``) sha256 of the shard files overlapping its classes, of ``head_replicated.pt``,
+    ``backbone.pt`` and its RNG file, that the replicated head state and head optimizer match,
+    and that the backbone state has this backbone's keys and shapes (read memory-mapped). A
+    caller can then load with ``verify=False`` (the files were just hashed), and write nothing
+    anywhere before this has passed.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CheckpointError: The first problem found, on every rank together (naming the rank).
+    """
+    path = Path(path)
+    ctx: ParallelContext = head.ctx
+    err, manifest = None, {}
+    try:
+        manifest = read_manifest(path)
+        if manifest.get("finite") is False:
+            raise CheckpointError(f"{path}: its manifest records non-finite values; it cannot be resumed from")
+        _check_files(path, manifest, manifest["files"], hashes=False)
+        _validate_manifest(path, manifest, head)
+        lo, hi = head.class_start, head.class_start + head.num_local_classes
+        names = [sh["file"] for sh in manifest["shards"] if max(lo, sh["start"]) < min(hi, sh["end"])]
+        names += [REPLICATED_FILE, BACKBONE_FILE]
+        if manifest["world_size"] == ctx.world_size:
+            names.append(f"rng_rank{ctx.rank}.pt")
+        _check_files(path, manifest, names, hashes=verify)
+        rep = _load(path, manifest, REPLICATED_FILE, False, mmap=False)
+        _, replicated = _split_head_state(head)
+        if set(rep["state"]) != set(replicated):
+            raise CheckpointError(f"{path}: replicated head state {sorted(rep['state'])} does not match the "
+                                  f"head's {sorted(replicated)} (different method or temperature?)")
+        if head_optimizer is not None and rep["optimizer"] is not None:
+            if rep["optimizer"] != type(head_optimizer).__name__:
+                raise CheckpointError(f"{path} holds {rep['optimizer']} state for the head, the head optimizer is "
+                                      f"{type(head_optimizer).__name__}")
+            names_now = _param_names(head, head_optimizer)
+            if [sorted(g["params"]) for g in rep["param_groups"]] != [sorted(n) for n in names_now]:
+                raise CheckpointError(f"{path}: head optimizer param groups differ from the checkpoint's")
+        if backbone is not None:
+            bb = _load(path, manifest, BACKBONE_FILE, False, mmap=True)
+            if bb["model"] is None:
+                raise CheckpointError(f"{path} has no model state to load (it was saved without one)")
+            saved = _strip_module_prefix(bb["model"])
+            want = _unwrap(backbone).state_dict()
+            missing, unexpected = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+            shapes = [k for k in want if k in saved and tuple(saved[k].shape) != tuple(want[k].shape)]
+            if missing or unexpected or shapes:
+                k = shapes[0] if shapes else None
+                raise CheckpointError(
+                    f"{path} holds a different backbone: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                    + (f", {k} has shape {tuple(saved[k].shape)} here {tuple(want[k].shape)}" if k else "")
+                )
+    except Exception as e:  # noqa: BLE001 - every rank raises together below
+        if not ctx.is_distributed:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{path}: {_format_exc(e)}") from e
+        err = _format_exc(e)
+    _raise_if_any_failed(err, ctx, f"checking checkpoint {path}")
+    return manifest
 
 
 def load_checkpoint(

@@ -4,7 +4,7 @@ Every subcommand is a ``main(argv) -> int`` function, callable from tests::
 
     pfc train   [--config RECIPE] [--set section.key=value ...]   train (under torchrun/Slurm or alone)
     pfc synth   [--config RECIPE] [--set ...] | --out DIR ...      make the synthetic identity dataset
-    pfc pack    ROOT OUT.rec                                       image folders -> RecordIO
+    pfc pack    ROOT OUT.rec [--shards N] | --verify DATASET       image folders -> RecordIO (resumable)
     pfc eval    ...                                                verification / clustering / report
     pfc export  --checkpoint DIR [--onnx]                          backbone -> state dict (+ ONNX)
     pfc plan    ...                                                per-rank memory plan
@@ -28,6 +28,80 @@ from typing import Callable, Optional, Sequence
 log = logging.getLogger("train.cli")
 
 
+# ---------------------------------------------------------------------------------------- exit codes
+#: Exit codes of `pfc train` (docs/launch.md has the table; launch/torchrun.sh and the Slurm
+#: scripts pass them on): 0 done, 2 bad input or config, 3 diverged, 75 checkpointed on a signal
+#: and resumable (train.trainer.EXIT_PREEMPTED), anything else a crash.
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+#: Set by launch/torchrun.sh (and the Slurm scripts): each training process writes its exit code
+#: to ``<dir>/round<restart>.rank<rank>`` so the launcher can report the workers' own code
+#: (torchrun's agent turns every failure into 1, and a signal to it into its own error).
+EXIT_STATUS_DIR_ENV = "PFC_EXIT_STATUS_DIR"
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (config, data, checkpoint): a one-line message and exit 2."""
+    from dali_pipelines import CorruptImageError, RecordIOError, UnsafePickleError
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    return (ConfigError, FileNotFoundError, CheckpointError, CorruptImageError, RecordIOError, UnsafePickleError)
+
+
+def _clean_error(prog: str, e: BaseException, code: int) -> int:
+    """Prints ``prog: message`` (the traceback too with PFC_TRACEBACK=1) and returns ``code``."""
+    if os.environ.get("PFC_TRACEBACK", "") not in ("", "0"):
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)
+    print(f"{prog}: {e}", file=sys.stderr, flush=True)
+    return code
+
+
+def _record_exit_status(code: int) -> None:
+    """Writes this process's exit code where the launcher looks for it (see EXIT_STATUS_DIR_ENV)."""
+    out = os.environ.get(EXIT_STATUS_DIR_ENV)
+    if not out:
+        return
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    round_ = os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0"))
+    try:
+        path = Path(out) / f"round{int(round_)}.rank{int(rank)}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{code}\n")
+    except (OSError, ValueError) as e:  # the exit code itself still tells the story
+        print(f"pfc train: cannot record the exit status in {out}: {e}", file=sys.stderr)
+
+
+def workers_exit_code(rc: int, status_dir: Path) -> int:
+    """The exit code to report for a launcher that returned ``rc``, from its workers' records.
+
+    The same rule as ``pfc_worker_exit`` in launch/lib.sh (tested against it): among the codes
+    of the latest round in ``status_dir``, some 75 and otherwise 0 gives 75, all 2 or all 3
+    gives that code, anything else (or nothing recorded) keeps ``rc``.
+    """
+    if rc == 0 or not status_dir.is_dir():
+        return rc
+    rounds: dict[int, list[int]] = {}
+    for f in status_dir.glob("round*.rank*"):
+        head = f.name[len("round"):].split(".", 1)[0]
+        try:
+            code = int(f.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if head.isdigit():
+            rounds.setdefault(int(head), []).append(code)
+    codes = set(rounds[max(rounds)]) if rounds else set()
+    if 75 in codes and codes <= {0, 75}:
+        return 75
+    if len(codes) == 1 and codes <= {EXIT_BAD_INPUT, EXIT_DIVERGED}:
+        return codes.pop()
+    return rc
+
+
 # ---------------------------------------------------------------------------------------- train
 def train_main(argv: Sequence[str]) -> int:
     """``pfc train``: one rank of a training job (torchrun/Slurm set the rank environment)."""
@@ -45,12 +119,10 @@ def train_main(argv: Sequence[str]) -> int:
         return 2
     try:
         summary = run_training(cfg, export=not args.no_export)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"pfc train: {e}", file=sys.stderr)
-        return 2
+    except _input_errors() as e:
+        return _clean_error("pfc train", e, EXIT_BAD_INPUT)
     except NonFiniteLossError as e:
-        print(f"pfc train: {e}", file=sys.stderr)
-        return 3
+        return _clean_error("pfc train", e, EXIT_DIVERGED)
     if summary.get("preempted"):
         return EXIT_PREEMPTED
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
@@ -97,14 +169,12 @@ def ensure_synthetic_dataset(cfg, *, force: bool = False, progress: bool = True)
     Returns:
         ``{"out_dir", "reused", "seconds", ...}``.
     """
-    import dataclasses
-
     from dali_pipelines.synth import generate_synthetic_dataset
 
     sc = synth_config(cfg)
     out = Path(cfg.data.synth.out_dir)
     meta = out / "identities.json"
-    want = json.loads(json.dumps(dataclasses.asdict(sc)))
+    want = sc.record()
     if not force and meta.is_file() and (out / "train.idx").is_file():
         try:
             have = json.loads(meta.read_text()).get("config")
@@ -192,7 +262,13 @@ def export_main(argv: Sequence[str]) -> int:
         return 2
     b = cfg.backbone
     model = build_backbone(b.name, num_features=b.num_features, dropout=b.dropout)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # a config that does not describe this checkpoint
+        first = str(e).strip().splitlines()
+        print(f"pfc export: {step_dir} does not fit backbone {b.name!r} with num_features={b.num_features} "
+              f"from {cfg_path} ({first[-1].strip() if first else e}); pass the run's --config", file=sys.stderr)
+        return 2
     model.eval()
     out_dir = Path(args.out) if args.out else cfg_path.parent / "export"
     step = int(step_dir.name.split("_")[-1]) if step_dir.name.startswith("step_") else -1
@@ -295,8 +371,14 @@ def demo_main(argv: Sequence[str]) -> int:
     for o in args.overrides:
         cmd += ["--set", o]
     print("[pfc] running:", " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    rc = subprocess.call(cmd, env=env)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pfc-exit.") as status_dir:
+        # torchrun reports any worker failure as 1: the workers' own codes (75 after a
+        # checkpoint on a signal, 2, 3) come from their records (see workers_exit_code).
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                   **{EXIT_STATUS_DIR_ENV: status_dir})
+        rc = workers_exit_code(subprocess.call(cmd, env=env), Path(status_dir))
     if rc == 0:
         print(f"[pfc] demo finished in {time.perf_counter() - t0:.0f} s; the run directory (config, logs, "
               f"checkpoints, export, summary.json) is {cfg.run_dir}", flush=True)
@@ -333,4 +415,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         print(__doc__.split("\n\n", 1)[1] if __doc__ else f"commands: {known}")
         return 0
-    return COMMANDS[argv[0]](argv[1:])
+    if argv[0] != "train":
+        return COMMANDS[argv[0]](argv[1:])
+    code = 1  # an exception escaping train_main is a crash
+    try:
+        code = COMMANDS["train"](argv[1:])
+    except SystemExit as e:  # argparse: 0 for --help, 2 for bad arguments
+        code = e.code if isinstance(e.code, int) else 1
+        raise
+    finally:
+        _record_exit_status(code)
+    return code

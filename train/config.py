@@ -112,6 +112,14 @@ def _type_name(tp: Any) -> str:
     return {bool: "bool", int: "int", float: "float", str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+class _NotFiniteError(ConfigError):
+    """A float field given NaN or inf."""
+
+
+#: Float fields (dotted names) that accept +-inf; every other float must be finite.
+FLOATS_ALLOWING_INF: frozenset[str] = frozenset()
+
+
 def _check(value: Any, tp: Any, where: str) -> Any:
     """Returns ``value`` checked against ``tp`` (int -> float and list -> tuple are converted).
 
@@ -129,6 +137,8 @@ def _check(value: Any, tp: Any, where: str) -> Any:
                 continue
             try:
                 return _check(value, arg, where)
+            except _NotFiniteError:
+                raise  # the right type, a bad value: say so rather than "must be float or none"
             except ConfigError:
                 continue
     elif tp is bool:
@@ -139,7 +149,13 @@ def _check(value: Any, tp: Any, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            value = float(value)
+            # NaN compares false with every bound, so `lr <= 0` checks let it through (a NaN
+            # grad_clip turned clipping off); inf is never a sensible setting either, except where
+            # a field says so.
+            if math.isnan(value) or (math.isinf(value) and where not in FLOATS_ALLOWING_INF):
+                raise _NotFiniteError(f"{where} must be a finite number, got {value!r}")
+            return value
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -358,8 +374,8 @@ class DataConfig(_Section):
         kind: ``"dali"`` (NVIDIA DALI reading RecordIO), ``"torch"`` (a torch DataLoader over the
             same RecordIO) or ``"synthetic"`` (random tensors made on the fly, no files: smoke and
             throughput tests; ``synth.identities`` classes, ``synth.num_samples`` per epoch).
-        train_rec: Path of the training ``.rec``; its ``.idx`` must sit next to it. Required
-            unless ``kind = "synthetic"``.
+        train_rec: Path of the training ``.rec`` (its ``.idx`` next to it) or of a shard manifest
+            ``.json`` (``pfc pack --shards``). Required unless ``kind = "synthetic"``.
         batch_size: Images per rank per step (the global batch is this times the world size).
         num_workers: DataLoader worker processes (``kind = "torch"``).
         dali_threads: DALI CPU threads per rank (``kind = "dali"``).
@@ -370,6 +386,8 @@ class DataConfig(_Section):
         flip: Random horizontal flip augmentation.
         shuffle: Reshuffle the training set every epoch.
         strict_decode: Fail on a record that does not decode; ``false`` skips and counts it.
+        image_size: Side of the square training images (records of another size are
+            center-cropped or padded); backbones get it as ``input_size`` when it is not 112.
         synth: Options of the generated demo dataset (see :class:`SynthConfig`).
     """
 
@@ -386,10 +404,12 @@ class DataConfig(_Section):
     flip: bool = True
     shuffle: bool = True
     strict_decode: bool = True
+    image_size: int = 112
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def _validate(self) -> None:
         self._enum("kind", DATA_KINDS)
+        self._min("image_size", 16)
         if self.kind == "synthetic" and self.train_rec:
             self._fail("train_rec", f"= {self.train_rec!r} is ignored by data.kind = \"synthetic\"; set "
                                     "data.kind = \"dali\" or \"torch\" to read it, or remove train_rec")
@@ -397,8 +417,9 @@ class DataConfig(_Section):
             if not self.train_rec:
                 self._fail("train_rec", f"is required with data.kind = {self.kind!r} (the path of a "
                                         "RecordIO .rec file), or set data.kind = \"synthetic\"")
-            if not self.train_rec.endswith(".rec"):
-                self._fail("train_rec", f"must name a .rec file (its .idx next to it), got {self.train_rec!r}")
+            if not self.train_rec.endswith((".rec", ".json")):
+                self._fail("train_rec", "must name a .rec file (its .idx next to it) or a shard manifest "
+                                        f".json written by `pfc pack --shards`, got {self.train_rec!r}")
         self._min("batch_size", 1)
         self._min("num_workers", 0)
         self._min("dali_threads", 1)
@@ -567,7 +588,9 @@ class CheckpointConfig(_Section):
         every_steps: Save every this many optimizer steps (0: only at the end).
         keep_last: Keep this many most recent checkpoints (0: keep all).
         dir: Checkpoint directory, relative to the run directory (an absolute path is used as is).
-        resume: ``"auto"`` (latest checkpoint in ``dir`` if any), ``"none"`` or a checkpoint path.
+        resume: ``"auto"`` (the newest valid checkpoint in ``dir``; a fresh start when ``dir`` has
+            none, an error when it has checkpoints but none is valid), ``"auto-or-fresh"`` (the
+            same, but a fresh start when none is valid), ``"none"`` or a checkpoint path.
     """
 
     _SECTION = "checkpoint"
@@ -583,7 +606,7 @@ class CheckpointConfig(_Section):
         if not self.dir:
             self._fail("dir", "must not be empty (use \".\" for the run directory)")
         if not self.resume:
-            self._fail("resume", "must be \"auto\", \"none\" or a checkpoint path")
+            self._fail("resume", "must be \"auto\", \"auto-or-fresh\", \"none\" or a checkpoint path")
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,9 @@ class TrainState:
         epoch: Current epoch.
         position: Samples of ``epoch`` each rank has consumed (a multiple of the batch size).
         skipped_steps: Optimizer steps skipped because of non-finite values.
-        consecutive_nonfinite: Skipped steps in a row (reset by a good step).
+        consecutive_nonfinite: Skipped steps in a row (reset by a good step, and on resume).
+        skipped_saves: Checkpoint saves left out because the step was non-finite (see
+            :meth:`Trainer.save`).
     """
 
     step: int = 0
@@ -78,6 +80,7 @@ class TrainState:
     position: int = 0
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
+    skipped_saves: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -117,8 +120,6 @@ class Trainer:
         self.cfg = cfg = cfg.resolve(int(self.loader.num_classes))
         self.derived = derive(cfg, world_size=self.world, num_samples=int(self.loader.num_samples),
                               cuda_available=self.device.type == "cuda")
-        if self.rank == 0:
-            write_resolved(cfg, self.run_dir, self.derived)
 
         self.backbone = self._build_backbone()
         o = cfg.optimizer
@@ -148,7 +149,13 @@ class Trainer:
         self.state = TrainState()
         self.ckpt_root = cfg.checkpoint_dir
         self.resumed_from: Optional[Path] = None
+        #: The newest checkpoint known to hold a finite, resumable state (saved or resumed from).
+        self.last_good_checkpoint: Optional[Path] = None
         self._maybe_resume()
+        # Only now, with the checkpoint accepted: a refused resume leaves the run directory's
+        # config.toml/derived.toml as they were (they describe the checkpoints in it).
+        if self.rank == 0:
+            write_resolved(cfg, self.run_dir, self.derived)
         self.metrics = self._build_metrics()
         self.pair_sets = self._load_pair_sets()
         self._stop_requested = False
@@ -177,7 +184,7 @@ class Trainer:
         memory_format = torch.channels_last if cfg.backbone.channels_last else torch.contiguous_format
         common = dict(batch_size=d.batch_size, rank=self.rank, world_size=self.world, seed=cfg.run.seed,
                       shuffle=d.shuffle, flip=d.flip, tail="drop" if d.drop_last else "pad",
-                      memory_format=memory_format, strict=d.strict_decode)
+                      memory_format=memory_format, strict=d.strict_decode, image_size=d.image_size)
         if d.kind == "synthetic":
             num_classes = cfg.head.num_classes or d.synth.identities
             return build_train_loader("synthetic", None, device=self.device, num_classes=num_classes,
@@ -201,7 +208,9 @@ class Trainer:
         from partial_fc.backbones import build_backbone
 
         b = self.cfg.backbone
-        model = build_backbone(b.name, num_features=b.num_features, dropout=b.dropout).to(self.device)
+        # input_size only when not the default 112, so backbones without the option still build.
+        size = {"input_size": self.cfg.data.image_size} if self.cfg.data.image_size != 112 else {}
+        model = build_backbone(b.name, num_features=b.num_features, dropout=b.dropout, **size).to(self.device)
         if b.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if b.compile:
@@ -232,7 +241,7 @@ class Trainer:
             return []
         from .evaluate.runner import load_pair_set
 
-        return [load_pair_set(p) for p in self.cfg.evaluation.bin_files]
+        return [load_pair_set(p, image_size=self.cfg.data.image_size) for p in self.cfg.evaluation.bin_files]
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -255,19 +264,91 @@ class Trainer:
             return None
         return self.engine.optimizer
 
-    def _maybe_resume(self) -> None:
-        from .checkpoint import find_latest, load_checkpoint
+    def _choose_checkpoint(self) -> Optional[Path]:
+        """The checkpoint to resume from (checked against this job), or ``None`` for a fresh start.
+
+        ``resume = "auto"``/``"auto-or-fresh"`` try the checkpoints newest first and fall back
+        from a damaged, non-finite or incompatible one to the newest that passes
+        :func:`check_checkpoint`, with a warning in the run log naming both. When none passes,
+        ``"auto"`` is an error and ``"auto-or-fresh"`` starts from step 0. An explicit path must
+        pass. Collective.
+        """
+        from .checkpoint import CheckpointError, check_checkpoint, list_checkpoints
 
         resume = self.cfg.checkpoint.resume
-        if resume == "none":
+
+        def check(path: Path) -> None:
+            check_checkpoint(path, self.head, self.head_opt, backbone=self.engine.module)
+
+        if resume not in ("auto", "auto-or-fresh"):
+            check(Path(resume))
+            return Path(resume)
+        rejected: list[tuple[Path, str]] = []
+        for path in list_checkpoints(self.ckpt_root):
+            try:
+                check(path)
+            except CheckpointError as e:
+                rejected.append((path, str(e)))
+                if self.rank == 0:
+                    log.warning("checkpoint %s cannot be resumed from: %s", path, e)
+                continue
+            if rejected and self.rank == 0:
+                log.warning("auto-resume falls back from %s (the newest checkpoint; damaged or incompatible) to %s",
+                            rejected[0][0], path)
+            return path
+        if not rejected:
+            return None
+        listing = "; ".join(f"{p.name}: {e}" for p, e in rejected)
+        if resume == "auto":
+            raise CheckpointError(
+                f"no valid checkpoint in {self.ckpt_root} to resume from ({listing}). Repair or move them away, "
+                'or set checkpoint.resume = "auto-or-fresh" to start from step 0 (its saves then replace those '
+                "step directories)"
+            )
+        if self.rank == 0:
+            log.warning('checkpoint.resume = "auto-or-fresh": no valid checkpoint in %s (%d rejected); starting '
+                        "from step 0", self.ckpt_root, len(rejected))
+        return None
+
+    def _optimizer_hyperparameters(self) -> list[list[dict]]:
+        """The configured param-group settings (base_lr, weight decay, momentum...) of both optimizers."""
+        return [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                for opt in (self.engine.optimizer, self.head_opt)]
+
+    def _apply_optimizer_hyperparameters(self, configured: list[list[dict]]) -> None:
+        """Puts the configured settings back after a checkpoint restored its saved param groups.
+
+        The config decides the hyperparameters of a resumed run (so a rerun with a lower
+        optimizer.lr after a divergence really is one); the checkpoint gives the state (momenta,
+        moments, step counts). With an unchanged config this changes nothing.
+        """
+        for opt, groups in zip((self.engine.optimizer, self.head_opt), configured):
+            for g, want in zip(opt.param_groups, groups):
+                changed = sorted(k for k, v in want.items() if k != "lr" and str(g.get(k)) != str(v))
+                if changed and self.rank == 0:
+                    log.warning("resume: %s param group settings %s come from the config, not the checkpoint "
+                                "(%s -> %s)", type(opt).__name__, changed, [g.get(k) for k in changed],
+                                [want[k] for k in changed])
+                g.update(want)
+
+    def _maybe_resume(self) -> None:
+        from .checkpoint import load_checkpoint
+
+        if self.cfg.checkpoint.resume == "none":
             return
-        path = find_latest(self.ckpt_root) if resume == "auto" else Path(resume)
+        path = self._choose_checkpoint()
         if path is None:
             return
+        configured = self._optimizer_hyperparameters()
         extra = load_checkpoint(path, self.head, self.head_opt, backbone=self.engine.module,
                                 backbone_optimizer=self._backbone_optimizer_for_checkpoint,
-                                scaler=self.scaler if self.scaler.is_enabled() else None)
+                                scaler=self.scaler if self.scaler.is_enabled() else None,
+                                verify=False)  # hashed by check_checkpoint just before
+        self._apply_optimizer_hyperparameters(configured)
         st = TrainState(**extra["train_state"])
+        # A fresh count: the checkpoint holds a finite state, and a count restored from before the
+        # save would stop a resumed run (e.g. one lowering optimizer.lr after a divergence) at once.
+        st.consecutive_nonfinite = 0
         saved_world, saved_batch = int(extra.get("world_size", self.world)), int(extra.get("batch_size", 0))
         if (saved_world, saved_batch) != (self.world, self.cfg.data.batch_size):
             # The epoch order is one global permutation that rank r reads with stride world_size,
@@ -280,14 +361,83 @@ class Trainer:
                         "position %d of epoch %d maps to %d per rank", saved_world, saved_batch, self.world,
                         self.cfg.data.batch_size, consumed, st.epoch, st.position)
         self.state = st
-        self.resumed_from = path
+        self.resumed_from = self.last_good_checkpoint = path
         if self.rank == 0:
             log.info("resumed from %s at step %d (epoch %d, position %d per rank)", path, st.step, st.epoch,
                      st.position)
 
-    def save(self) -> Path:
-        """Writes a checkpoint of the current step (collective: every rank calls it)."""
+    def _norm_stat_buffers(self) -> list[torch.Tensor]:
+        """Running statistics of the backbone's BatchNorm layers (what a forward in train mode changes)."""
+        bufs = []
+        for m in self.engine.module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats:
+                bufs += [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        return bufs
+
+    def _snapshot_norm_stats(self) -> list[torch.Tensor]:
+        """Copies the BatchNorm statistics before a step's first forward.
+
+        Cheap: vectors only, into buffers allocated once, with one multi-tensor copy (no host
+        sync). Returns the snapshot for :meth:`_restore_norm_stats`.
+        """
+        bufs = self._norm_stat_buffers()
+        snap = getattr(self, "_norm_snapshot", None)
+        if snap is None or len(snap) != len(bufs) or any(a.shape != b.shape for a, b in zip(snap, bufs)):
+            snap = self._norm_snapshot = [torch.empty_like(b) for b in bufs]
+        if bufs:
+            with torch.no_grad():
+                torch._foreach_copy_(snap, bufs)
+        return snap
+
+    def _restore_norm_stats(self, snapshot: list[torch.Tensor]) -> None:
+        """Undoes a skipped step's forward passes: their (NaN) batch statistics must not stay."""
+        bufs = self._norm_stat_buffers()
+        if bufs:
+            with torch.no_grad():
+                torch._foreach_copy_(bufs, snapshot)
+
+    def _state_is_finite(self) -> bool:
+        """Whether every floating tensor of the state a checkpoint holds is finite, on every rank."""
+        tensors = list(self.engine.module.state_dict().values()) + list(self.head.state_dict().values())
+        for opt in (self.head_opt, self._backbone_optimizer_for_checkpoint):
+            if opt is not None:
+                # getattr: an engine's optimizer wrapper may keep its state elsewhere (then unchecked).
+                tensors += [v for st in getattr(opt, "state", {}).values() for v in st.values()
+                            if isinstance(v, torch.Tensor)]
+        # One fp32 sum per tensor instead of isfinite(t): NaN and inf propagate through a sum, and
+        # no temporary as large as the tensor is made (the head shard can be gigabytes). A finite
+        # tensor whose sum overflows fp32 (entries ~1e30) is garbage anyway and is refused too.
+        sums = []
+        for t in tensors:
+            if t.is_sparse:
+                t = t.coalesce().values()
+            if t.is_floating_point() and t.numel():
+                sums.append(t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+                            .to(torch.float64))
+        ok = torch.isfinite(torch.stack(sums)).all().to(self.device, torch.float32).reshape(1) if sums else \
+            torch.ones(1, device=self.device)
+        return bool(all_reduce_no_grad(ok, self.ctx, op=dist.ReduceOp.MIN).item() > 0)
+
+    def save(self) -> Optional[Path]:
+        """Writes a checkpoint of the current step (collective: every rank calls it).
+
+        Never saves what a resume should not start from: while the latest step was skipped as
+        non-finite, or when any tensor of the state is not finite, the save is left out (counted
+        in ``skipped_saves``, logged) and ``None`` returned, so retention keeps the last good one.
+        """
         from .checkpoint import save_checkpoint
+
+        why = None
+        if self.state.consecutive_nonfinite > 0:
+            why = f"the last {self.state.consecutive_nonfinite} step(s) were non-finite"
+        elif not self._state_is_finite():
+            why = "the model, head or optimizer state holds non-finite values"
+        if why is not None:
+            self.state.skipped_saves += 1
+            if self.rank == 0:
+                log.warning("checkpoint of step %d not written: %s; the last good checkpoint is %s",
+                            self.state.step, why, self.last_good_checkpoint or "none (nothing saved yet)")
+            return None
 
         extra = {
             "train_state": self.state.to_dict(),
@@ -301,8 +451,9 @@ class Trainer:
             self.ckpt_root, self.state.step, self.head, self.head_opt, backbone=self.engine.module,
             backbone_optimizer=self._backbone_optimizer_for_checkpoint,
             scaler=self.scaler if self.scaler.is_enabled() else None, extra_state=extra,
-            keep_last=self.cfg.checkpoint.keep_last or None,
+            keep_last=self.cfg.checkpoint.keep_last or None, finite=True,
         )
+        self.last_good_checkpoint = path
         if self.rank == 0:
             log.info("checkpoint step %d -> %s", self.state.step, path)
         return path
@@ -376,16 +527,24 @@ class Trainer:
         self.state.consecutive_nonfinite += 1
         self.metrics.inc_skipped_steps()
         if self.rank == 0:
-            log.warning("step %d skipped: %s (%d in a row)", self.state.step + 1, why,
+            log.warning("step %d skipped: %s (%d in a row)", self.state.step, why,
                         self.state.consecutive_nonfinite)
         limit = self.cfg.run.max_nonfinite_steps
         if self.state.consecutive_nonfinite >= limit:
             raise NonFiniteLossError(
                 f"{self.state.consecutive_nonfinite} consecutive steps with non-finite values (limit "
                 f"run.max_nonfinite_steps = {limit}); last: {why}. Lower optimizer.lr, set "
-                "optimizer.grad_clip, use bf16 instead of fp16, or check the data; the last good "
-                f"checkpoint is in {self.ckpt_root}"
+                "optimizer.grad_clip, use bf16 instead of fp16, or check the data; "
+                + self._last_good_hint()
             )
+
+    def _last_good_hint(self) -> str:
+        """Where to resume from after a divergence: a checkpoint that exists (retention keeps it)."""
+        path = self.last_good_checkpoint
+        if path is not None and (path / "manifest.json").is_file():
+            return (f"the last good checkpoint is {path}: a rerun resumes from it (checkpoint.resume = \"auto\") "
+                    "with a fresh non-finite count")
+        return "no checkpoint was saved before the run diverged"
 
     def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, last: bool, timer) -> Optional[dict]:
         """Forward and backward of one micro-batch; ``None`` when its loss is not finite."""
@@ -475,6 +634,8 @@ class Trainer:
                 if batch is None:
                     epoch_done = True
                     break
+                if micro_in_step == 0:
+                    norm_stats = self._snapshot_norm_stats()
                 micro_in_step += 1
                 last = micro_in_step == accum
                 out = self._micro_step(images, labels, last, timer)
@@ -507,6 +668,7 @@ class Trainer:
                 if stepped:
                     self.state.consecutive_nonfinite = 0
                 else:
+                    self._restore_norm_stats(norm_stats)
                     self._note_nonfinite(why)
                 lrs = self._set_lr()  # the learning rate of the next step
                 if self.state.step % cfg.run.log_every == 0 or self.state.step == d.total_steps:
@@ -532,13 +694,16 @@ class Trainer:
         summary["train_seconds"] = round(time.perf_counter() - t_start, 2)
         if summary["preempted"]:
             if self.rank == 0:
-                log.warning("stopped by %s at step %d/%d after saving a checkpoint; run again to resume",
-                            self._stop_signal or "a signal on another rank", self.state.step, d.total_steps)
+                log.warning("stopped by %s at step %d/%d; run again to resume from %s",
+                            self._stop_signal or "a signal on another rank", self.state.step, d.total_steps,
+                            self.last_good_checkpoint or "step 0 (no checkpoint was saved)")
         else:
             summary["eval"] = self.evaluate()
         summary["step"] = self.state.step
         summary["total_steps"] = d.total_steps
         summary["skipped_steps"] = self.state.skipped_steps
+        summary["skipped_saves"] = self.state.skipped_saves
+        summary["checkpoint"] = str(self.last_good_checkpoint) if self.last_good_checkpoint else None
         summary["skipped_records"] = int(getattr(self.loader, "skipped", 0))
         if last_out is not None:
             summary["final_loss"] = {k: float(v.detach()) for k, v in last_out.items()}
@@ -604,9 +769,11 @@ class Trainer:
             if x.onnx:
                 path = export_onnx(self.engine.module, export_dir / x.output_name,
                                    embedding_size=self.cfg.backbone.num_features,
-                                   backbone_name=self.cfg.backbone.name, opset=x.opset)
+                                   backbone_name=self.cfg.backbone.name, opset=x.opset,
+                                   image_size=self.cfg.data.image_size)
                 out["onnx"] = str(path)
-                out["onnx_max_abs_diff"] = check_onnx(self.engine.module, path, batch=5)
+                out["onnx_max_abs_diff"] = check_onnx(self.engine.module, path, batch=5,
+                                                      image_size=self.cfg.data.image_size)
                 log.info("ONNX %s: max |onnxruntime - torch| = %.2e at batch 5", path, out["onnx_max_abs_diff"])
         self._barrier()
         return out

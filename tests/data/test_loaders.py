@@ -165,6 +165,26 @@ def test_undecodable_image_strict_raises(tmp_path: Path, kind: str) -> None:
         _collect(L)
 
 
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("position", [0, 8])
+def test_dali_corrupt_image_in_first_batch_of_a_pipeline(tmp_path: Path, strict: bool, position: int) -> None:
+    """The first batch of each DALI pipeline (epoch start, resume position) follows strict_decode:
+    skipped and counted, or CorruptImageError naming key and offset (was a raw decoder error)."""
+    pytest.importorskip("nvidia.dali")
+    bad_id, bad_k = divmod(position, 4)
+    rec = write_insightface(tmp_path / "bad.rec", ids=4, per_id=4, corrupt={(bad_id, bad_k + 1)})
+    L = build_train_loader("dali", rec, batch_size=4, shuffle=False, flip=False, num_workers=1, strict=strict)
+    L.set_epoch(0, position)
+    if strict:
+        with pytest.raises(CorruptImageError, match=r"bad.rec key \d+ at offset \d+"):
+            _collect(L)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x, y = _collect(L)
+    assert L.skipped == 1 and len(y) == 16 - position
+
+
 def test_synthetic_loader() -> None:
     L = build_train_loader("synthetic", batch_size=6, num_classes=10, num_samples=60,
                            dtype=torch.bfloat16, memory_format=torch.channels_last, world_size=2, rank=1)

@@ -63,6 +63,9 @@ def test_pack_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no sub-folders"):
         pack_folder(tmp_path / "flat", tmp_path / "x.rec", progress=False)
     assert main(["pack", str(tmp_path / "missing"), str(tmp_path / "x.rec")]) == 2
+    (tmp_path / "bad" / "a").mkdir(parents=True)
+    (tmp_path / "bad" / "a" / "x.jpg").write_bytes(b"\xff\xd8 not an image")
+    assert main(["pack", str(tmp_path / "bad"), str(tmp_path / "b.rec"), "--no-progress"]) == 1  # nothing packed
 
 
 def test_cli_main_pack_and_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -237,3 +237,39 @@ def test_corrupted_shard_fails_on_every_rank(saved_on_2, tmp_path):
     msgs = run_distributed(_corrupt_load_worker, 2, tmp_path, timeout=90, root=str(copy))
     for msg in msgs:  # only rank 1 reads that shard; rank 0 must not return normally
         assert "rank 1" in msg and "sha256" in msg, msg
+
+
+def _check_worker(rank: int, world_size: int, root: str) -> dict:
+    from train.checkpoint import CheckpointError, check_checkpoint, list_checkpoints
+
+    head, backbone, hopt, bopt, sched = _objects("sgd", backbone_seed=1, perturb=True)
+    before = head.weight.detach().clone()
+    out = {}
+    for path in list_checkpoints(root):  # what the trainer's auto-resume does, newest first
+        try:
+            check_checkpoint(path, head, hopt, backbone=backbone)
+            out["chosen"] = path.name
+            break
+        except CheckpointError as e:
+            out.setdefault("rejected", []).append(str(e))
+    out["unchanged"] = bool(torch.equal(before, head.weight.detach()))
+    return out
+
+
+def test_check_checkpoint_agrees_on_every_rank_and_falls_back(saved_on_2, tmp_path):
+    """The newest checkpoint's second shard (read by rank 1 only) is corrupt: both ranks reject
+    it together and both choose the previous one, without loading anything."""
+    import shutil
+
+    _, root, _ = saved_on_2
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "step_000000003", copy / "step_000000002")
+    shutil.copytree(root / "step_000000003", copy / "step_000000003")
+    shard = copy / "step_000000003" / "head_classes_000000006_000000011.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    outs = run_distributed(_check_worker, 2, tmp_path, timeout=90, root=str(copy))
+    for out in outs:
+        assert out["chosen"] == "step_000000002" and out["unchanged"], out
+        assert len(out["rejected"]) == 1 and "rank 1" in out["rejected"][0] and "sha256" in out["rejected"][0]

@@ -96,6 +96,33 @@ def test_two_nodes_on_one_machine(data_dir, tmp_path):
     _check_checkpoint_loads(run_dir, world=4)
 
 
+# ------------------------------------------------------------------------------ SIGTERM -> 75
+def test_sigterm_to_torchrun_sh_exits_75_with_a_complete_checkpoint(data_dir, tmp_path):
+    """Docker/Kubernetes stop the entry point with SIGTERM: torchrun's agent forwards it, the
+    workers checkpoint and exit 75, and launch/torchrun.sh reports 75 (torchrun itself says 1)."""
+    args = util.base_overrides(data_dir, tmp_path, "term", **{"run.max_steps": 400, "checkpoint.every_steps": 0,
+                                                               "evaluation.bin_files": "[]"})
+    env = util.env()
+    env.update(NPROC_PER_NODE="2", RDZV_ENDPOINT=f"127.0.0.1:{util.free_port()}", RECIPE="cpu_demo",
+               PYTHON=sys.executable, SHUTDOWN_TIMEOUT="60")
+    run_dir = tmp_path / "term"
+    log0 = run_dir / "train_rank0.log"
+    proc = subprocess.Popen(["bash", str(LAUNCH / "torchrun.sh"), *args, "--no-export"], cwd=util.REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        util.wait_for(lambda: log0.is_file() and " step 2/400 " in log0.read_text(), 180, "step 2", proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        _kill_all([proc])
+    assert proc.returncode == 75, out[-6000:]
+    assert "the workers' own exit code is 75" in out, out[-3000:]
+    steps = util.checkpoint_steps(run_dir)
+    assert steps and 2 <= steps[-1] < 400, steps
+    assert any("stopped by SIGTERM" in ln for ln in util.log_lines(run_dir))
+    _check_checkpoint_loads(run_dir, world=2)
+
+
 # ------------------------------------------------------------------------------ lost worker
 def test_lost_worker_restarts_and_resumes_exactly(data_dir, tmp_path):
     """SIGKILL one of 2 workers after the step-4 checkpoint; torchrun (launch/torchrun.sh,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -132,3 +133,64 @@ def test_paired_deltas_subtract_the_baseline_of_the_same_seed():
     assert cell["mean"] == pytest.approx(0.02) and cell["std"] == pytest.approx(np.std([0.05, -0.01], ddof=1))
     row = format_delta_table(d).strip().splitlines()[2]
     assert row.startswith("| `s6` | +2.00 ± 4.24 (1/2) |")
+
+
+# ------------------------------------------------------------------------------------ study-v2 / spec files
+def test_spec_files_load_and_unknown_keys_are_named(tmp_path):
+    from pathlib import Path
+
+    from train.ablate import GROUPS, load_spec
+
+    root = Path(__file__).resolve().parents[2] / "train" / "studies"
+    spec, run = load_spec(root / "cg_study.toml")
+    assert spec.protocol == "study-v2" and spec.image_size == 56 and spec.family_size == 4
+    assert run["variants"] == ["cg-study"] and len(run["seeds"]) >= 5 and run["jobs"] == 2
+    variants = parse_variants(run["variants"])
+    assert len(variants) == len(GROUPS["cg-study"])
+    for v in variants:  # every control resolves to a valid config (what `pfc ablate` checks first)
+        cfg = run_config(spec, v, 0, tmp_path / "runs", tmp_path / "data")
+        assert cfg.data.image_size == 56 and cfg.head.track_clusters is True and cfg.backbone.name == "iresnet_nano"
+    by = {v.label: run_config(spec, v, 0, tmp_path / "runs", tmp_path / "data").head for v in variants}
+    assert by["s1:phi_shuffle=margin"].phi_shuffle == "margin" and by["s1:phi_refresh=offline"].phi_refresh == "offline"
+    assert by["s2:phi_shuffle=temperature"].phi_shuffle == "temperature" and by["s1:phi_count_norm=none"].phi_count_norm == "none"
+    sc = spec.synth_config()
+    assert sc.size_distribution == "powerlaw" and sc.probe_images_per_identity == 4 and sc.image_size == 56
+    # >= 10^6 held-out impostor pairs: n images give n(n-1)/2 pairs, minus the genuine ones.
+    n = spec.cluster_identities * spec.cluster_images_per_identity
+    per = spec.cluster_images_per_identity
+    assert n * (n - 1) // 2 - spec.cluster_identities * per * (per - 1) // 2 >= 10**6
+    load_spec(root / "cg_pilot.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[study]\nprotocl = "study-v2"\n')
+    with pytest.raises(ValueError, match=r"bad.toml: unknown key study.protocl \(did you mean 'protocol'"):
+        load_spec(bad)
+    bad.write_text('[study]\nprotocol = "study-v2"\nfamily_size = 1\n')
+    with pytest.raises(ValueError, match="needs look-alike families"):
+        load_spec(bad)
+
+
+def test_study_sets_keep_the_first_study_unchanged():
+    from train.ablate import StudySpec
+
+    old = StudySpec()
+    assert not any("image_size" in s or "track_clusters" in s for s in old.study_sets())
+    new = StudySpec(protocol="study-v2", family_size=4, probe_images_per_identity=2, image_size=56)
+    assert "data.image_size=56" in new.study_sets() and "head.track_clusters=true" in new.study_sets()
+    assert "family_size" not in old.synth_config().record()
+
+
+def test_fingerprint_ignores_later_options_at_their_default(tmp_path):
+    from train.ablate import StudySpec, _fingerprint
+    from train.config import config_to_dict
+
+    spec = StudySpec()
+    v = parse_variants(["s6"])[0]
+    d = config_to_dict(run_config(spec, v, 0, tmp_path / "runs", tmp_path / "data"))
+    stripped = json.loads(json.dumps(d, default=str))
+    for section, key in (("data", "image_size"), ("head", "phi_count_norm"), ("head", "phi_shuffle"),
+                         ("head", "phi_refresh")):
+        stripped[section].pop(key)
+    assert _fingerprint(d, spec) == _fingerprint(stripped, spec)  # runs of the first study stay reusable
+    shuffled = parse_variants(["s6:phi_shuffle=margin"])[0]
+    d2 = config_to_dict(run_config(spec, shuffled, 0, tmp_path / "runs", tmp_path / "data"))
+    assert _fingerprint(d2, spec) != _fingerprint(d, spec)

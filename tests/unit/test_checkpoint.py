@@ -205,3 +205,102 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     _load(latest)
     _save(ckroot, 2, _job())  # the next save succeeds and clears the stale tmp dir
     assert sorted(p.name for p in ckroot.iterdir()) == ["latest", "step_000000001", "step_000000002"]
+
+
+# ------------------------------------------------------------------------------ damage and retention
+def _flip_a_byte(path: Path) -> None:
+    f = path / "head_classes_000000000_000000011.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the sha256 tells
+    f.write_bytes(bytes(data))
+
+
+def test_retention_counts_only_verified_checkpoints(tmp_path):
+    """A corrupt checkpoint that still has its manifest never takes the place of a good one: with
+    keep_last=2, saving 600 after a good 500 and a corrupt 558 keeps 500 (it deleted 500 before)."""
+    job = _job()
+    _save(tmp_path, 400, job, keep_last=2)
+    _save(tmp_path, 500, job, keep_last=2)
+    _flip_a_byte(_save(tmp_path, 558, job, keep_last=None))
+    getattr(ck, "_HASH_VERIFIED", {}).clear()  # as in a new process (a restarted job)
+    _save(tmp_path, 600, job, keep_last=2)
+    names = sorted(p.name for p in tmp_path.glob("step_*"))
+    assert names == ["step_000000500", "step_000000558", "step_000000600"], names
+    _save(tmp_path, 700, job, keep_last=2)  # the corrupt one goes once it is older than the kept ones
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000000600", "step_000000700"]
+
+
+def test_retention_never_deletes_the_newest_good_checkpoint(tmp_path):
+    job = _job()
+    _save(tmp_path, 1, job, keep_last=1, finite=True)
+    bad = _save(tmp_path, 2, job, keep_last=None, finite=False)  # recorded as non-finite
+    _flip_a_byte(_save(tmp_path, 3, job, keep_last=None))
+    ck._HASH_VERIFIED.clear()
+    (tmp_path / "step_000000004").mkdir()  # incomplete
+    ck._prune(tmp_path, 1, tmp_path / "step_000000099")
+    assert (tmp_path / "step_000000001").is_dir() and bad.is_dir()
+    with pytest.warns(UserWarning):
+        assert find_latest(tmp_path).name == "step_000000003"  # cheap check: sizes only
+    with pytest.raises(CheckpointError, match="non-finite"):
+        ck.check_checkpoint(bad, _job(steps=0)[0])
+
+
+def test_manifest_records_finite_and_verified_step(tmp_path):
+    m = json.loads((_save(tmp_path, 7, _job(), finite=True) / "manifest.json").read_text())
+    assert m["finite"] is True and m["verified_step"] == 7
+    assert "finite" not in json.loads((_save(tmp_path, 8, _job()) / "manifest.json").read_text())
+
+
+def test_check_checkpoint_finds_what_load_would_refuse_without_changing_anything(tmp_path):
+    path = _save(tmp_path, 1, _job(steps=2))
+    head, backbone, hopt, _ = _job(steps=0)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    assert ck.check_checkpoint(path, head, hopt, backbone=backbone)["step"] == 1
+    with pytest.raises(CheckpointError, match="embedding_size=8, the head has 4"):
+        ck.check_checkpoint(path, PartialFCHead(**{**HEAD, "embedding_size": 4}))
+    with pytest.raises(CheckpointError, match="different backbone"):
+        ck.check_checkpoint(path, head, backbone=nn.Linear(5, 8))
+    with pytest.raises(CheckpointError, match="Adam"):
+        ck.check_checkpoint(path, head, torch.optim.Adam(head.parameters()))
+    _flip_a_byte(path)
+    with pytest.raises(CheckpointError, match="sha256"):
+        ck.check_checkpoint(path, head)
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
+
+
+def test_full_disk_names_the_file(tmp_path, monkeypatch):
+    """ENOSPC in the middle of torch.save used to surface as `unexpected pos A vs B`."""
+    import builtins
+    import errno
+
+    _save(tmp_path, 1, _job())
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 2000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *a, **kw):
+        f = builtins.open(path, mode, *a, **kw)
+        return FullDisk(f) if "w" in mode and str(path).endswith(".pt") else f
+
+    monkeypatch.setattr(ck, "open", fake_open, raising=False)
+    with pytest.raises(CheckpointError, match=r"no space left on device: .*step_000000002\.tmp-\w+/\S+\.pt"):
+        _save(tmp_path, 2, _job())
+    monkeypatch.undo()
+    assert find_latest(tmp_path).name == "step_000000001"  # the previous checkpoint is intact
+    assert not list(tmp_path.glob("*.tmp-*"))

@@ -398,3 +398,21 @@ def test_import_has_no_side_effects(tmp_path):
                          timeout=120, env={"PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"  # nothing written
+
+
+@pytest.mark.parametrize("override", [
+    "optimizer.lr=nan", "optimizer.grad_clip=nan", "optimizer.weight_decay=inf", "optimizer.head_lr=nan",
+    "head.s=inf", "head.m=nan", "head.tau=-inf", "optimizer.betas=[0.9, nan]", "schedule.min_lr_ratio=-inf",
+    "evaluation.far_targets=[nan]",
+])
+def test_nan_and_inf_are_refused_for_floats(override, tmp_path):
+    """NaN passed every `x <= 0` bound check (a NaN grad_clip silently disabled clipping)."""
+    key = override.split("=")[0]
+    with pytest.raises(C.ConfigError, match=rf"{key.replace('.', '[.]')}(\[\d\])? must be a finite number"):
+        C.load_config("cpu_demo", [override])
+    # The same from a recipe file (TOML's own nan/inf literals).
+    section, name = key.rsplit(".", 1)
+    value = override.split("=", 1)[1]
+    path = write(tmp_path, f'[{section}]\n{name} = {value}\n')
+    with pytest.raises(C.ConfigError, match="must be a finite number"):
+        C.load_config(str(path))

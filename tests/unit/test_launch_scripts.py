@@ -105,3 +105,41 @@ def test_localhost_cluster_usage_and_status():
     env = dict(os.environ, PFC_SLURM_DIR="/nonexistent/pfc-slurm-test")
     p = subprocess.run(["bash", script, "status"], env=env, capture_output=True, text=True, timeout=30)
     assert p.returncode != 0  # no cluster was started in that directory
+
+
+@pytest.mark.parametrize("rc, recorded, want", [
+    (0, {}, 0),
+    (1, {}, 1),                                       # nothing recorded (killed): the launcher's code
+    (1, {"round0.rank0": 75, "round0.rank1": 75}, 75),  # checkpointed on a signal
+    (1, {"round0.rank0": 75, "round0.rank1": 0}, 75),
+    (1, {"round0.rank0": 75}, 75),                    # rank 1 killed after the collective save
+    (1, {"round0.rank0": 75, "round0.rank1": 1}, 1),  # a crash is a crash
+    (1, {"round0.rank0": 2, "round0.rank1": 2}, 2),
+    (1, {"round0.rank0": 3, "round0.rank1": 3}, 3),
+    (1, {"round0.rank0": 2, "round0.rank1": 1}, 1),
+    (1, {"round0.rank0": 1, "round1.rank0": 75, "round1.rank1": 75}, 75),  # the latest round counts
+    (137, {"round2.rank0": 1, "round10.rank0": 3}, 3),
+])
+def test_worker_exit_maps_the_workers_own_codes(tmp_path, rc, recorded, want):
+    """torchrun's agent returns 1 whatever its workers said; launch/lib.sh recovers their code."""
+    for name, code in recorded.items():
+        (tmp_path / name).write_text(f"{code}\n")
+    r = subprocess.run(["bash", "-c", f'. "{LAUNCH}/lib.sh"; set -euo pipefail; pfc_worker_exit {rc} "{tmp_path}"'],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == str(want), r.stderr
+    from train.cli import workers_exit_code  # `pfc demo`'s copy of the rule
+
+    assert workers_exit_code(rc, tmp_path) == want
+
+
+def test_train_records_its_exit_status_for_the_launcher(tmp_path, monkeypatch, capsys):
+    """`pfc train` writes round<restart>.rank<rank> with its code; a bad config is a clean exit 2."""
+    from train.cli import main
+
+    monkeypatch.setenv("PFC_EXIT_STATUS_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    assert main(["train", "--set", "optimizer.lr=nan"]) == 2
+    assert (tmp_path / "round2.rank1").read_text() == "2\n"
+    err = capsys.readouterr().err
+    assert "optimizer.lr must be a finite number" in err and "Traceback" not in err
