@@ -72,6 +72,24 @@ def test_knn_agglomerative_equals_unconstrained_when_the_graph_is_complete():
     assert len(np.unique(got)) == 5
 
 
+def test_knn_agglomerative_equals_sklearn_with_the_same_connectivity():
+    from scipy.sparse import csr_matrix
+
+    from train.evaluate.ijbb_clustering import _connect
+
+    x, y = blobs(n_per=40, k=10, spread=0.6, seed=4)
+    for knn, k in ((5, 10), (12, 7), (3, 25)):
+        got, params = agglomerative_knn(x, k, knn=knn, block=64)
+        idx, _ = knn_cosine(x, knn + 1)
+        rows = np.repeat(np.arange(len(x)), knn)
+        conn = csr_matrix((np.ones(len(rows)), (rows, idx[:, 1:].ravel())), shape=(len(x),) * 2)
+        conn = _connect(((conn + conn.T) > 0).astype(float).tocsr(), x, 64)
+        want = AgglomerativeClustering(n_clusters=k, linkage="average", metric="cosine",
+                                       connectivity=conn).fit_predict(x.astype(np.float64))
+        assert adjusted_rand_score(got, want) == 1.0, (knn, k)
+        assert len(np.unique(got)) == k and params["graph_edges"] == (conn.nnz - (conn.diagonal() != 0).sum()) // 2
+
+
 @pytest.fixture(scope="module")
 def protocol(tmp_path_factory):
     root = tmp_path_factory.mktemp("ijbb")

@@ -267,21 +267,89 @@ def _connect(conn, f: np.ndarray, block: int):
         conn = ((conn + extra + extra.T) > 0).astype(np.float64).tocsr()
 
 
+def _edge_cosine(f: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """Cosine distance of each graph edge, ``chunk`` edges at a time (float64)."""
+    out = np.empty(len(rows), np.float64)
+    for s in range(0, len(rows), chunk):
+        a = f[rows[s : s + chunk]].astype(np.float64)
+        b = f[cols[s : s + chunk]].astype(np.float64)
+        out[s : s + chunk] = 1.0 - np.einsum("ij,ij->i", a, b)
+    return out
+
+
+def _average_linkage_on_graph(graph, n_clusters: int) -> np.ndarray:
+    """Average-linkage agglomeration restricted to the edges of a connected symmetric CSR
+    ``graph`` whose data are the edge distances; labels after cutting at ``n_clusters``.
+
+    scikit-learn's algorithm (the same merge rule, heap and per-node maps, from its compiled
+    helpers) with one change: scikit-learn computes the edge distances from two gathered
+    ``[edges, D]`` copies of the features (12 GB at 68k faces x 30 neighbours x 512-d); here the
+    distances come in, computed in chunks. The tests check it against scikit-learn.
+    """
+    from heapq import heapify, heappop, heappush
+
+    from sklearn.cluster import _hierarchical_fast as _hierarchical
+    from sklearn.utils._fast_dict import IntFloatDict
+
+    n = graph.shape[0]
+    n_nodes = 2 * n - n_clusters
+    A = np.empty(n_nodes, dtype=object)
+    heap = []
+    indptr, indices, data = graph.indptr, graph.indices.astype(np.intp), graph.data.astype(np.float64)
+    for i in range(n):
+        lo, hi = indptr[i], indptr[i + 1]
+        row, d = indices[lo:hi], data[lo:hi]
+        keep = row != i
+        row, d = row[keep], d[keep]
+        A[i] = IntFloatDict(np.ascontiguousarray(row), np.ascontiguousarray(d))
+        heap.extend(_hierarchical.WeightedEdge(w, i, r) for r, w in zip(row.tolist(), d.tolist()) if r < i)
+    heapify(heap)
+    used = np.ones(n_nodes, dtype=np.intp)
+    parent = np.arange(n_nodes, dtype=np.intp)
+    for k in range(n, n_nodes):
+        while True:
+            edge = heappop(heap)
+            if used[edge.a] and used[edge.b]:
+                break
+        i, j = edge.a, edge.b
+        parent[i] = parent[j] = k
+        n_i, n_j = used[i], used[j]
+        used[k] = n_i + n_j
+        used[i] = used[j] = False
+        merged = _hierarchical.average_merge(A[i], A[j], used, n_i, n_j)
+        for col, d in merged:
+            A[col].append(k, d)
+            heappush(heap, _hierarchical.WeightedEdge(d, k, col))
+        A[k] = merged
+        A[i] = A[j] = 0
+    # The tree stops at n_clusters roots: each sample's label is its root (as scikit-learn cuts a
+    # tree it did not complete).
+    heads = np.copy(_hierarchical.hc_get_heads(parent, copy=False)[:n])
+    return np.searchsorted(np.unique(heads), heads)
+
+
 def agglomerative_knn(features: np.ndarray, n_clusters: int, knn: int = 30, block: int = 1024) -> tuple[np.ndarray, dict]:
-    """Average-linkage agglomerative clustering (cosine) restricted to a k-NN graph."""
-    from scipy.sparse import csr_matrix
-    from sklearn.cluster import AgglomerativeClustering
+    """Average-linkage agglomerative clustering (cosine) restricted to a k-NN graph.
+
+    Memory: the graph (edges x (index + distance)) and the merge structures, ``O(N k)``; no
+    ``N x N`` matrix and no ``edges x D`` copy.
+    """
+    from scipy.sparse import coo_matrix, csr_matrix
 
     f = _unit(features)
     n = f.shape[0]
+    n_clusters = min(int(n_clusters), n)
     idx, _ = knn_cosine(f, min(knn + 1, n), block)
     rows = np.repeat(np.arange(n), idx.shape[1] - 1)
     conn = csr_matrix((np.ones(len(rows)), (rows, idx[:, 1:].ravel())), shape=(n, n))
     conn = ((conn + conn.T) > 0).astype(np.float64).tocsr()
-    conn = _connect(conn, f, block)
-    model = AgglomerativeClustering(n_clusters=min(n_clusters, n), linkage="average", metric="cosine",
-                                    connectivity=conn)
-    return model.fit_predict(f), {"n_clusters": n_clusters, "linkage": "average", "knn": knn}
+    conn = _connect(conn, f, block).tocoo()
+    off = conn.row != conn.col
+    r, c = conn.row[off], conn.col[off]
+    graph = coo_matrix((_edge_cosine(f, r, c), (r, c)), shape=(n, n)).tocsr()
+    graph.sort_indices()
+    labels = _average_linkage_on_graph(graph, n_clusters)
+    return labels, {"n_clusters": n_clusters, "linkage": "average", "knn": knn, "graph_edges": int(graph.nnz // 2)}
 
 
 @dataclass(frozen=True)
