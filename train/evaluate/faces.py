@@ -11,7 +11,9 @@ model in the main process is not starved by JPEG decoding.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -136,20 +138,29 @@ def iter_face_batches(
     try:
         if workers <= 0:
             _init(str(root), size, margin)
-            results = map(_load_chunk, chunks)
-            pool = None
-        else:
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(str(root), size, margin))
-            results = pool.imap(_load_chunk, chunks)
+            for chunk in chunks:
+                arr = _load_chunk(chunk)
+                if bar is not None:
+                    bar.update(len(arr))
+                yield torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+            return
+        # At most 2 batches per worker in flight: decoding never runs ahead of the model by more,
+        # so memory stays bounded whatever the image count (imap would queue every batch).
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(str(root), size, margin))
         try:
-            for arr in results:
+            todo = iter(chunks)
+            pending = deque(pool.apply_async(_load_chunk, (c,)) for c in itertools.islice(todo, 2 * workers))
+            while pending:
+                arr = pending.popleft().get()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.apply_async(_load_chunk, (nxt,)))
                 if bar is not None:
                     bar.update(len(arr))
                 yield torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
         finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+            pool.terminate()
+            pool.join()
     finally:
         if bar is not None:
             bar.close()
