@@ -22,6 +22,7 @@ from train.evaluate.ijb import read_ijb_meta, tar_at_far_nearest  # noqa: E402
 from train.evaluate.verification import FAR_GRID  # noqa: E402
 
 FARS = FAR_GRID
+pytestmark = pytest.mark.timeout(180)  # worker processes: never hang the suite
 
 
 @pytest.fixture(scope="module")

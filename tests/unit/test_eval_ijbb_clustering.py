@@ -24,6 +24,8 @@ from train.evaluate.ijbb_clustering import (  # noqa: E402
     read_clustering_csv,
 )
 
+pytestmark = pytest.mark.timeout(120)
+
 
 def blobs(n_per=30, k=8, d=16, spread=0.25, seed=0):
     rng = np.random.default_rng(seed)

@@ -11,6 +11,8 @@ import pytest
 from train.evaluate.megaface import MegaFaceStream, read_image_list
 from train.evaluate.verification import tar_at_far
 
+pytestmark = pytest.mark.timeout(120)
+
 
 def dense(probes, labels, distractors, fars):
     """Everything in memory: the full score matrices, the devkit's rank-1 and TAR at FAR."""
