@@ -35,7 +35,7 @@ from partial_fc.distributed import ParallelContext, all_gather_no_grad, all_gath
 from partial_fc.optim import SparseRowSGD
 from partial_fc.sharding import ClassPartition, step_seed
 
-__all__ = ["ReferencePartialFCv2", "run_rank", "spawn", "spawn_fn", "maxrss_bytes", "rss_bytes"]
+__all__ = ["ReferencePartialFCv2", "run_rank", "device_steps", "spawn", "spawn_fn", "maxrss_bytes", "rss_bytes"]
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 
@@ -87,13 +87,13 @@ class ReferencePartialFCv2(nn.Module):
     """
 
     def __init__(self, num_classes: int, embedding_size: int, sample_rate: float, ctx: ParallelContext,
-                 s: float = 64.0, m: float = 0.5, seed: int = 0) -> None:
+                 s: float = 64.0, m: float = 0.5, seed: int = 0, device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.ctx, self.s, self.m, self.sample_rate, self.seed = ctx, s, m, sample_rate, seed
         part = ClassPartition(num_classes, ctx.world_size)
         self.start, end = part.range(ctx.rank)
         self.num_local = end - self.start
-        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size)))
+        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local, embedding_size)).to(device))
         self.steps = 0
 
     def forward(self, local_emb: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
@@ -102,17 +102,19 @@ class ReferencePartialFCv2(nn.Module):
         emb = all_gather_with_grad(local_emb, ctx, float(ctx.world_size))
         local = labels - self.start
         is_local = (local >= 0) & (local < self.num_local)
-        gen = torch.Generator().manual_seed(step_seed(self.seed, self.steps, ctx.rank))
+        dev = self.weight.device
+        gen = torch.Generator(device=dev).manual_seed(step_seed(self.seed, self.steps, ctx.rank))
         self.steps += 1
-        scores = torch.rand(self.num_local, generator=gen)
+        scores = torch.rand(self.num_local, generator=gen, device=dev)
         scores[local[is_local]] = 2.0
         k = max(int(math.ceil(self.sample_rate * self.num_local)), int((scores == 2.0).sum()))
         index = torch.topk(scores, k, sorted=False).indices.sort().values
-        remap = torch.full((self.num_local,), -1, dtype=torch.int64)
-        remap[index] = torch.arange(k)
+        remap = torch.full((self.num_local,), -1, dtype=torch.int64, device=dev)
+        remap[index] = torch.arange(k, device=dev)
         target = torch.where(is_local, remap[local.clamp(0, self.num_local - 1)], torch.full_like(local, -1))
         weight = self.weight[index]  # dense [C_local, D] gradient in backward
-        logits = F.linear(F.normalize(emb), F.normalize(weight)).clamp(-1, 1)
+        # Under autocast the matmul runs in bf16 and the softmax in fp32 (the design's own cast).
+        logits = F.linear(F.normalize(emb), F.normalize(weight)).float().clamp(-1, 1)
         rows = torch.nonzero(target >= 0).squeeze(1)
         with torch.no_grad():  # the margin shifts values only (straight-through gradient)
             t = logits[rows, target[rows]]
@@ -137,14 +139,15 @@ def design_method(design: str) -> tuple[str, Optional[float]]:
     raise ValueError(f"unknown design {design!r}: use reference, ours_arcface, ours_s6 or ours_s6_con<rate>")
 
 
-def _build(design: str, num_classes: int, dim: int, rate: float, ctx: ParallelContext):
+def _build(design: str, num_classes: int, dim: int, rate: float, ctx: ParallelContext,
+           device: Optional[torch.device] = None):
     if design == "reference":
-        head = ReferencePartialFCv2(num_classes, dim, rate, ctx)
+        head = ReferencePartialFCv2(num_classes, dim, rate, ctx, device=device)
         opt = torch.optim.SGD([head.weight], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         return head, opt
     method, con_rate = design_method(design)
     head = PartialFCHead(num_classes=num_classes, embedding_size=dim, sample_rate=rate, method=method,
-                         con_sample_rate=con_rate, validate_inputs=False)
+                         con_sample_rate=con_rate, validate_inputs=False, device=device)
     opt = SparseRowSGD([head.weight], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     return head, opt
 
@@ -279,3 +282,68 @@ def interleaved_rank(rank: int, world_size: int, designs: list, num_classes: int
                 cpu[d].append(time.process_time() - c0)
     return {d: dict(wall_s=statistics.median(wall[d]), cpu_s=statistics.median(cpu[d]), walls=wall[d], cpus=cpu[d])
             for d in designs}
+
+
+def device_steps(design: str, num_classes: int, dim: int, rate: float, batch: int, steps: int, warmup: int,
+                 emulate_world: int = 1, device: str = "cuda", autocast: Optional[str] = None) -> dict:
+    """One emulated rank's head step on ``device`` (CUDA: event-timed, memory from the allocator).
+
+    The step is the same as :func:`run_rank`'s (forward, backward, optimizer step, zero_grad at
+    fixed embeddings), for one rank of an ``emulate_world``-rank job (collectives skipped). On CUDA
+    the time of each step is taken between two CUDA events on the current stream, and memory is
+    ``torch.cuda.max_memory_allocated`` over building the head and the steps, minus what was
+    allocated before (the embeddings): the head's state plus its peak of temporaries. On CPU (the
+    dry run of ``benchmarks/gpu_check.sh``) times are wall-clock and memory is the state's bytes.
+
+    Args:
+        autocast: ``"bf16"`` to run the step under bf16 autocast (the scores in bf16), else fp32.
+
+    Returns:
+        ``{"step_ms": median, "times_ms": [...], "peak_bytes": ..., "state_bytes": ..., "loss": ...}``.
+    """
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    ctx = ParallelContext.from_group(None)
+    shard_classes = num_classes if emulate_world == 1 else ClassPartition(num_classes, emulate_world).size(0)
+    local_batch = batch * emulate_world
+    g = torch.Generator().manual_seed(1234)
+    embs = [torch.randn(local_batch, dim, generator=g).to(dev) for _ in range(2)]
+    labels = [torch.randint(0, shard_classes, (local_batch,), generator=g).to(dev) for _ in range(2)]
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    head, opt = _build(design, shard_classes, dim, rate, ctx, device=dev)
+    times = []
+    loss = None
+    for i in range(warmup + steps):
+        emb = embs[i % 2].clone().requires_grad_()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+            out = head(emb, labels[i % 2])
+        loss = out["loss"] if isinstance(out, dict) else out
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            end.record()
+            end.synchronize()
+            dt = start.elapsed_time(end)
+        else:
+            dt = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(dt)
+    state = sum(t.numel() * t.element_size() for t in head.state_dict().values())
+    state += sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    peak = torch.cuda.max_memory_allocated(dev) - base if cuda else state
+    result = dict(design=design, step_ms=statistics.median(times), times_ms=times, peak_bytes=int(peak),
+                  state_bytes=int(state), loss=float(loss.detach()), shard_classes=shard_classes,
+                  global_batch=local_batch)
+    del head, opt, embs, labels, emb, out, loss
+    if cuda:
+        torch.cuda.empty_cache()
+    return result

@@ -298,18 +298,21 @@ class ConcentrationStats:
     num_known: int
 
 
-def _hist_quantile(hist: torch.Tensor, lo: float, hi: float, q: float) -> float:
-    """Quantile (torch.quantile's linear convention) from a histogram over [lo, hi]."""
-    n = float(hist.sum())
+def _hist_quantile(hist: torch.Tensor, lo: float, hi: float, q: float) -> torch.Tensor:
+    """Quantile (torch.quantile's linear convention) from a histogram over [lo, hi].
+
+    Computed on the histogram's device in float64 without reading it (a 0-d tensor).
+    """
+    hist = hist.double()
+    n = hist.sum()
     pos = q * (n - 1.0)
     cum = torch.cumsum(hist, 0)
-    b = int(torch.searchsorted(cum, torch.tensor(pos, dtype=cum.dtype, device=cum.device), right=True))
-    b = min(b, hist.numel() - 1)
-    before = float(cum[b - 1]) if b > 0 else 0.0
-    count = max(float(hist[b]), 1.0)
+    b = torch.searchsorted(cum, pos.reshape(1), right=True).reshape(()).clamp(max=hist.numel() - 1)
+    before = torch.where(b > 0, cum[(b - 1).clamp_min(0)], torch.zeros_like(pos))
+    count = hist[b].clamp_min(1.0)
     width = (hi - lo) / hist.numel()
     # Values inside a bin are taken as evenly spread; the error is below one bin width.
-    return lo + width * (b + min(max((pos - before + 0.5) / count, 0.0), 1.0))
+    return lo + width * (b.double() + ((pos - before + 0.5) / count).clamp(0.0, 1.0))
 
 
 def concentration_stats(
@@ -343,24 +346,32 @@ def concentration_stats(
     else:
         ext = torch.tensor([-math.inf, -math.inf], device=dev)
     ext = all_reduce_no_grad(ext, ctx, op=dist.ReduceOp.MAX)
-    gmax, gmin = float(ext[0]), -float(ext[1])
+    # Two host reads in all (train/host_syncs.py): the range, which torch.histc takes as numbers,
+    # then every statistic together.
+    gmax, gmin = ext.tolist()
+    gmin = -gmin
     if not math.isfinite(gmax):
         return None
     span_hi = gmax if gmax > gmin else gmin + 1e-12
     hist = torch.histc(known, bins=bins, min=gmin, max=span_hi) if known.numel() else torch.zeros(bins, device=dev)
     summed = torch.cat([hist.double(), known.double().sum().reshape(1)])
     summed = all_reduce_no_grad(summed, ctx)
-    hist, total = summed[:-1], float(summed[-1])
-    n = float(hist.sum())
-    lo = gmin if plo <= 0 else (gmax if plo >= 100 else _hist_quantile(hist, gmin, span_hi, plo / 100))
-    hi = gmax if phi_p >= 100 else (gmin if phi_p <= 0 else _hist_quantile(hist, gmin, span_hi, phi_p / 100))
-    lo, hi = min(max(lo, gmin), gmax), min(max(hi, gmin), gmax)
-    hi = max(hi, lo)
-    clipped_sum = all_reduce_no_grad(known.double().clamp(lo, hi).sum().reshape(1), ctx)
+    hist, total = summed[:-1], summed[-1]
+    n = hist.sum()
+    lo_t = torch.full((), gmin if plo < 100 else gmax, dtype=torch.float64, device=dev)
+    hi_t = torch.full((), gmax if phi_p > 0 else gmin, dtype=torch.float64, device=dev)
+    if 0 < plo < 100:
+        lo_t = _hist_quantile(hist, gmin, span_hi, plo / 100)
+    if 0 < phi_p < 100:
+        hi_t = _hist_quantile(hist, gmin, span_hi, phi_p / 100)
+    lo_t, hi_t = lo_t.clamp(gmin, gmax), hi_t.clamp(gmin, gmax)
+    hi_t = torch.maximum(hi_t, lo_t)
+    clipped_sum = all_reduce_no_grad(known.double().clamp(lo_t, hi_t).sum().reshape(1), ctx)
+    lo, hi, csum, total, n = torch.stack([lo_t, hi_t, clipped_sum[0], total, n]).tolist()
     return ConcentrationStats(
         lo=lo,
         hi=hi,
-        mean_clipped=float(clipped_sum[0]) / n,
+        mean_clipped=csum / n,
         min=gmin,
         max=gmax,
         mean=total / n,

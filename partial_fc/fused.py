@@ -70,7 +70,7 @@ class _FusedMarginCE(torch.autograd.Function):
         for z in chunks:
             lo, hi = torch.aminmax(z)
             bad = None
-            if bool(hi > 1.0) or bool(lo < -1.0):
+            if bool((hi > 1.0) | (lo < -1.0)):  # one host read per chunk (docs/training.md, "Host syncs")
                 rmin, rmax = torch.aminmax(z, dim=1)
                 bad = torch.nonzero((rmax > 1.0) | (rmin < -1.0)).squeeze(1)
             if bad is not None and bad.numel():

@@ -95,6 +95,16 @@ class PartialFCHead(nn.Module):
         class_start: First class id owned by this rank.
         num_local_classes: Classes owned by this rank.
         last_stats: Floats from the latest training step (phi and margin statistics, sample size).
+            Reading it copies the step's statistics to the host (one device sync): they are kept
+            as device tensors during the step and read only when asked (the trainer asks on log
+            steps only).
+        defer_input_checks: When True (the trainer sets it), the per-step input checks of
+            ``validate_inputs`` (labels in range, finite embeddings) do not read the device: their
+            verdict is kept in :attr:`input_flags` for the caller to read together with its own
+            once-per-step values (:meth:`input_error` builds the message), labels outside the
+            range are treated as no class on any rank so nothing indexes out of bounds, and the
+            cross-rank batch-size check is left to the caller (the trainer's loaders always
+            deliver full batches).
     """
 
     def __init__(
@@ -154,7 +164,15 @@ class PartialFCHead(nn.Module):
                 # Each rank's gradient covers only its shard's logits; the true gradient is their sum.
                 self.log_tau.register_hook(lambda g: all_reduce_no_grad(g, self.ctx))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
-        self.last_stats: dict[str, float] = {}
+        # Host mirror of the step buffer (read every step for the sampler's seed): valid while the
+        # buffer's version counter is the one it was read at, so a checkpoint load (an in-place
+        # copy into the buffer) is noticed and re-read once.
+        self._host_step: tuple[tuple[int, int], int] = ((0, -1), 0)
+        self._stats: dict[str, object] = {}
+        self.defer_input_checks = False
+        self.input_flags: Optional[torch.Tensor] = None
+        self._deferred_inputs: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None
+        self._finite_rows: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -174,12 +192,59 @@ class PartialFCHead(nn.Module):
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
 
-    def _check_global(self, global_emb: torch.Tensor, global_labels: torch.Tensor, local_batch: int) -> None:
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """The latest training step's statistics as floats (one device read; see the class doc)."""
+        tensors = [(k, v) for k, v in self._stats.items() if isinstance(v, torch.Tensor)]
+        out = {k: float(v) for k, v in self._stats.items() if not isinstance(v, torch.Tensor)}
+        if tensors:
+            values = torch.stack([v.detach().float().reshape(()) for _, v in tensors]).tolist()
+            out.update(zip((k for k, _ in tensors), values))
+        return out
+
+    def host_step(self) -> int:
+        """``int(self.step)`` without a device read on ordinary steps (see ``_host_step``)."""
+        key, value = self._host_step
+        if key != (id(self.step), self.step._version):
+            value = int(self.step)  # after construction, a load or a replaced buffer: one read
+            self._host_step = ((id(self.step), self.step._version), value)
+        return value
+
+    def _check_global(self, global_emb: torch.Tensor, global_labels: torch.Tensor, local_batch: int) -> torch.Tensor:
+        """Validates the gathered batch; returns the labels to use (out-of-range ones -> -1 when deferred)."""
         # Both checks read gathered tensors, so every rank reaches the same verdict and raises
         # together instead of leaving the others blocked in the next collective.
         n = self.config.num_classes
         bad_label = (global_labels < 0) | (global_labels >= n)
         bad_emb = ~torch.isfinite(global_emb.detach()).all(dim=1)
+        if self.defer_input_checks:
+            # No device read: the caller reads the flags with its once-per-step values. An
+            # out-of-range label belongs to no shard (-1 - class_start < 0 on every rank).
+            self.input_flags = torch.stack([bad_label.any(), bad_emb.any()])
+            self._deferred_inputs = (global_labels, global_emb.detach(), local_batch)
+            self._finite_rows = ~bad_emb  # the bank learns from finite embeddings only
+            return torch.where(bad_label, torch.full_like(global_labels, -1 - n), global_labels)
+        self._raise_input_errors(bad_label, bad_emb, global_labels, local_batch)
+        return global_labels
+
+    def input_error(self) -> Optional[Exception]:
+        """The error :meth:`forward` would have raised on the latest deferred check, or ``None``.
+
+        Reads the device (call it only when :attr:`input_flags` said something is wrong).
+        """
+        if self._deferred_inputs is None:
+            return None
+        labels, emb, local_batch = self._deferred_inputs
+        n = self.config.num_classes
+        try:
+            self._raise_input_errors((labels < 0) | (labels >= n), ~torch.isfinite(emb).all(dim=1), labels,
+                                     local_batch)
+        except (ValueError, FloatingPointError) as e:
+            return e
+        return None
+
+    def _raise_input_errors(self, bad_label, bad_emb, global_labels, local_batch: int) -> None:
+        n = self.config.num_classes
         flags = torch.stack([bad_label.any(), bad_emb.any()]).tolist()
         if flags[0]:
             i = int(torch.nonzero(bad_label)[0])
@@ -212,7 +277,7 @@ class PartialFCHead(nn.Module):
         ``phi_all`` is the ``[C_local]`` phi the margin reads (default: the bank's).
         """
         cfg = self.config
-        if not self.uses_concentration or self.bank is None or int(self.step) < cfg.margin_warmup_steps:
+        if not self.uses_concentration or self.bank is None or self.host_step() < cfg.margin_warmup_steps:
             return None
         phi = self.bank.phi(local_class) if phi_all is None else phi_all[local_class]
         if stats is None:
@@ -266,15 +331,15 @@ class PartialFCHead(nn.Module):
         self._validate(local_embeddings, local_labels)
         device = local_embeddings.device
         local_batch = local_embeddings.shape[0]
-        if cfg.validate_inputs:
+        if cfg.validate_inputs and not self.defer_input_checks:
             check_equal_batch_sizes(local_batch, device, ctx)
         global_labels = all_gather_no_grad(local_labels.to(torch.int64), ctx)
         grad_scale = float(ctx.world_size) if cfg.embedding_grad == "ddp_mean" else 1.0
         global_emb = all_gather_with_grad(local_embeddings, ctx, grad_scale)
         if cfg.validate_inputs:
-            self._check_global(global_emb, global_labels, local_batch)
+            global_labels = self._check_global(global_emb, global_labels, local_batch)
 
-        step = int(self.step)
+        step = self.host_step()
         gen = None
         if cfg.sample_rate < 1.0:
             gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, ctx.rank))
@@ -354,24 +419,30 @@ class PartialFCHead(nn.Module):
             if self.bank is not None and cfg.phi_refresh == "online":
                 local_all = global_labels - self.class_start
                 in_shard = (local_all >= 0) & (local_all < self.num_local_classes)
+                if self.defer_input_checks and self._finite_rows is not None:
+                    # Non-finite embeddings were not refused (the step will be skipped): keep them
+                    # out of the bank, without reading the device.
+                    in_shard = in_shard & self._finite_rows
                 self.bank.update(feats.detach(), torch.where(in_shard, local_all, torch.full_like(local_all, -1)))
             self.step += 1
+            self._host_step = ((id(self.step), self.step._version), step + 1)
         return {"loss": loss, "ce": ce, "con": con, "ali": ali}
 
     def _record_stats(self, stats, params, num_sampled: int, ctx: ParallelContext,
                       con_sampled: Optional[int] = None) -> None:
-        s = {"num_sampled_local": float(num_sampled)}
+        # Device tensors stay device tensors here (no sync); ``last_stats`` reads them on demand.
+        s: dict[str, object] = {"num_sampled_local": float(num_sampled)}
         if con_sampled is not None:
             s["con_sampled_local"] = float(con_sampled)
         if stats is not None:
             s.update(phi_min=stats.min, phi_mean=stats.mean, phi_max=stats.max,
                      phi_lo=stats.lo, phi_hi=stats.hi, phi_known=float(stats.num_known))
         if params.m2.numel():  # the additive angular margin actually applied to this step's targets
-            s.update(margin_min=float(params.m2.min()), margin_max=float(params.m2.max()),
-                     margin_mean=float(params.m2.mean()))
+            m2 = params.m2.detach()
+            s.update(margin_min=m2.min(), margin_max=m2.max(), margin_mean=m2.mean())
         if self.log_tau is not None:
-            s["tau"] = float(self.log_tau.detach().exp())
-        self.last_stats = s
+            s["tau"] = self.log_tau.detach().exp()
+        self._stats = s
 
     @torch.no_grad()
     def class_margins(self) -> tuple[torch.Tensor, torch.Tensor, MarginParams]:

@@ -614,6 +614,62 @@ def _replicated_payload(head, head_optimizer, replicated: dict, sharded: dict) -
     }
 
 
+def _commit_dir(root: Path, tmp: Path, final: Path, step: int, head_config, world_size: int, reports: list[dict],
+                keep_last: Optional[int], nonce: str, finite: Optional[bool] = None) -> None:
+    """Rank 0's commit of a written ``tmp`` directory: checks every rank's files, writes the
+    manifest last, renames ``tmp`` to ``final``, updates ``latest`` and applies retention.
+    Used by :func:`save_checkpoint` and by the asynchronous writer (``train/checkpoint_writer.py``).
+
+    Args:
+        reports: One ``{"files": {name: {"size", "sha256"}}, "range": [start, end]}`` per rank.
+        finite: See :func:`save_checkpoint`.
+    """
+    all_files = {}
+    for rep in reports:
+        all_files.update(rep["files"])
+    for name, rec in all_files.items():  # a rank writing to a disk rank 0 cannot see fails here
+        p = tmp / name
+        if not p.is_file() or p.stat().st_size != rec["size"]:
+            raise CheckpointError(f"rank 0 cannot see {p} as written by its rank: is {root} shared?")
+    cfg = head_config
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "world_size": world_size,
+        "num_classes": int(cfg.num_classes),
+        "embedding_size": int(cfg.embedding_size),
+        "method": getattr(cfg, "method", None),
+        "created_unix": time.time(),
+        "torch_version": torch.__version__,
+        "shards": [{"file": shard_file_name(*rep["range"]), "start": rep["range"][0], "end": rep["range"][1]}
+                   for rep in reports],
+        "rng_files": [f"rng_rank{r}.pt" for r in range(world_size)],
+        "files": dict(sorted(all_files.items())),
+    }
+    if finite is not None:
+        # The trainer checked every tensor of this state (all ranks) just before the save.
+        manifest["finite"] = bool(finite)
+        manifest["verified_step"] = int(step)
+    mtmp = tmp / f"{MANIFEST}.partial"
+    with _name_disk_full(mtmp), open(mtmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(mtmp, tmp / MANIFEST)
+    _fsync_dir(tmp)
+    aside = None
+    if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
+        aside = root / f"{final.name}.replaced-{nonce}"
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_text_atomic(root / LATEST, final.name + "\n")
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    _prune(root, keep_last, final)
+
+
 def save_checkpoint(
     ckpt_root: PathLike,
     step: int,
@@ -642,7 +698,8 @@ def save_checkpoint(
             whose per-parameter state is row-aligned tensors plus scalars), or ``None``.
         backbone: The data-parallel backbone, bare or wrapped (DDP, DeepSpeed, torch.compile); its
             unwrapped ``state_dict`` is saved by rank 0. ``None`` saves no backbone.
-        backbone_optimizer: The backbone's optimizer (replicated: saved by rank 0), or ``None``.
+        backbone_optimizer: The backbone's optimizer (replicated: saved by rank 0), its state dict
+            already gathered (ZeRO: see ``train.engines.ZeroOptimizerCheckpoint``), or ``None``.
         lr_scheduler: Anything with ``state_dict()``/``load_state_dict()``, or ``None``.
         scaler: The AMP loss scaler (``torch.amp.GradScaler``), or ``None``.
         extra_state: Trainer state (epoch, data position, config...) made of tensors, numbers,
@@ -703,7 +760,8 @@ def save_checkpoint(
             files[REPLICATED_FILE] = _save_file(rep, tmp / REPLICATED_FILE)
             bb = {
                 "model": None if backbone is None else _to_cpu(_unwrap(backbone).state_dict()),
-                "optimizer": None if backbone_optimizer is None else _to_cpu(backbone_optimizer.state_dict()),
+                "optimizer": None if backbone_optimizer is None else _to_cpu(
+                    backbone_optimizer if isinstance(backbone_optimizer, dict) else backbone_optimizer.state_dict()),
                 "lr_scheduler": None if lr_scheduler is None else _to_cpu(lr_scheduler.state_dict()),
                 "scaler": None if scaler is None else _to_cpu(scaler.state_dict()),
                 "extra": _to_cpu(extra_state),
@@ -723,50 +781,8 @@ def save_checkpoint(
     err = None
     if ctx.rank == 0:
         try:
-            all_files = {}
-            for rep in reports:
-                all_files.update(rep["files"])
-            for name, rec in all_files.items():  # a rank writing to a disk rank 0 cannot see fails here
-                p = tmp / name
-                if not p.is_file() or p.stat().st_size != rec["size"]:
-                    raise CheckpointError(f"rank 0 cannot see {p} as written by its rank: is {root} shared?")
-            cfg = head.config
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "step": int(step),
-                "world_size": ctx.world_size,
-                "num_classes": int(cfg.num_classes),
-                "embedding_size": int(cfg.embedding_size),
-                "method": getattr(cfg, "method", None),
-                "created_unix": time.time(),
-                "torch_version": torch.__version__,
-                "shards": [{"file": shard_file_name(*rep["range"]), "start": rep["range"][0], "end": rep["range"][1]}
-                           for rep in reports],
-                "rng_files": [f"rng_rank{r}.pt" for r in range(ctx.world_size)],
-                "files": dict(sorted(all_files.items())),
-            }
-            if finite is not None:
-                # The trainer checked every tensor of this state (all ranks) just before the save.
-                manifest["finite"] = bool(finite)
-                manifest["verified_step"] = int(step)
-            mtmp = tmp / f"{MANIFEST}.partial"
-            with _name_disk_full(mtmp), open(mtmp, "w") as f:
-                json.dump(manifest, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(mtmp, tmp / MANIFEST)
-            _fsync_dir(tmp)
-            aside = None
-            if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
-                aside = root / f"{final.name}.replaced-{nonces[0]['nonce']}"
-                os.replace(final, aside)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            _write_text_atomic(root / LATEST, final.name + "\n")
-            if aside is not None:
-                shutil.rmtree(aside, ignore_errors=True)
-            _prune(root, keep_last, final)
+            _commit_dir(root, tmp, final, step, head.config, ctx.world_size, reports, keep_last, nonces[0]["nonce"],
+                        finite)
         except Exception as e:  # noqa: BLE001
             err = _format_exc(e)
     _raise_if_any_failed(err, ctx, f"committing checkpoint {final}")
@@ -1023,10 +1039,13 @@ def load_checkpoint(
         for obj, key in ((backbone, "model"), (backbone_optimizer, "optimizer"),
                          (lr_scheduler, "lr_scheduler"), (scaler, "scaler")):
             if obj is not None and bb[key] is None:
+                if getattr(obj, "missing_ok", False):  # e.g. a ZeRO run saved before its state was kept
+                    warnings.warn(f"{path} holds no {key} state; it starts fresh", stacklevel=2)
+                    continue
                 raise CheckpointError(f"{path} has no {key} state to load (it was saved without one)")
         if backbone is not None:
             _unwrap(backbone).load_state_dict(_strip_module_prefix(bb["model"]))
-        if backbone_optimizer is not None:
+        if backbone_optimizer is not None and bb["optimizer"] is not None:
             backbone_optimizer.load_state_dict(bb["optimizer"])
         if lr_scheduler is not None:
             lr_scheduler.load_state_dict(bb["lr_scheduler"])

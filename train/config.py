@@ -462,6 +462,24 @@ class BackboneConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ModelConfig(_Section):
+    """The ``[model]`` section: where the backbone's weights start.
+
+    Attributes:
+        init_from: ``""`` (random initialisation) or a path to pretrained backbone weights for
+            fine-tuning: a checkpoint directory, a checkpoint root or a run directory (its newest
+            complete checkpoint), or an exported ``backbone.pt``. Only the backbone's weights are
+            loaded; the head, both optimizers and the schedule start fresh. A run that has a
+            checkpoint of its own resumes from it instead (``checkpoint.resume = "auto"``), so a
+            requeued fine-tuning job continues where it stopped.
+    """
+
+    _SECTION = "model"
+
+    init_from: str = ""
+
+
+@dataclass(frozen=True)
 class OptimizerConfig(_Section):
     """The ``[optimizer]`` section (two parameter groups: backbone and head).
 
@@ -591,6 +609,13 @@ class CheckpointConfig(_Section):
         resume: ``"auto"`` (the newest valid checkpoint in ``dir``; a fresh start when ``dir`` has
             none, an error when it has checkpoints but none is valid), ``"auto-or-fresh"`` (the
             same, but a fresh start when none is valid), ``"none"`` or a checkpoint path.
+        keep_best: ``""`` (off) or an evaluation key ``"<pair set>/<figure>"`` (e.g.
+            ``"verification/accuracy"``, ``"lfw/tar/0.0001"``): after each evaluation that improves
+            it, the step's checkpoint is kept as ``<dir>/best`` (hard links, so no extra space while
+            the step is still kept), beside the ``keep_last`` newest ones.
+        keep_best_mode: ``"max"`` (higher is better) or ``"min"``.
+        async_save: Write checkpoints in a background thread: training waits only while the state
+            is copied into host buffers (see docs/checkpoints.md).
     """
 
     _SECTION = "checkpoint"
@@ -599,6 +624,9 @@ class CheckpointConfig(_Section):
     keep_last: int = 3
     dir: str = "checkpoints"
     resume: str = "auto"
+    keep_best: str = ""
+    keep_best_mode: str = "max"
+    async_save: bool = True
 
     def _validate(self) -> None:
         self._min("every_steps", 0)
@@ -607,6 +635,10 @@ class CheckpointConfig(_Section):
             self._fail("dir", "must not be empty (use \".\" for the run directory)")
         if not self.resume:
             self._fail("resume", "must be \"auto\", \"auto-or-fresh\", \"none\" or a checkpoint path")
+        self._enum("keep_best_mode", ("max", "min"))
+        if self.keep_best and (self.keep_best.count("/") < 1 or not all(self.keep_best.split("/"))):
+            self._fail("keep_best", f"must look like \"<pair set>/<figure>\" (e.g. \"verification/accuracy\"), "
+                                    f"got {self.keep_best!r}")
 
 
 @dataclass(frozen=True)
@@ -806,6 +838,7 @@ class TrainConfig:
         distributed: :class:`DistributedConfig`.
         data: :class:`DataConfig`.
         backbone: :class:`BackboneConfig`.
+        model: :class:`ModelConfig` (pretrained weights to start from).
         head: :class:`partial_fc.config.PartialFCConfig`, or :class:`PendingHead` while the class
             count is to come from the dataset (see :meth:`resolve`).
         optimizer: :class:`OptimizerConfig`.
@@ -821,6 +854,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadSection = field(default_factory=PendingHead)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -842,6 +876,15 @@ class TrainConfig:
                 f"backbone.num_features ({self.backbone.num_features}) must equal head.embedding_size "
                 f"({self.head.embedding_size}); set both to the same value"
             )
+        resume = self.checkpoint.resume
+        if self.model.init_from and resume not in ("auto", "none", "auto-or-fresh"):
+            raise ConfigError(
+                f"model.init_from ({self.model.init_from!r}) and checkpoint.resume ({resume!r}) both name weights "
+                "to start from: init_from starts a NEW run from pretrained backbone weights (fresh head and "
+                "optimizers), resume CONTINUES a run from its checkpoint (everything restored). Keep one")
+        if self.checkpoint.keep_best and not self.evaluation.bin_files:
+            raise ConfigError(f"checkpoint.keep_best = {self.checkpoint.keep_best!r} needs an evaluation: list "
+                              "the pair sets in evaluation.bin_files")
         if self.run.device == "cpu":
             if self.distributed.backend == "nccl":
                 raise ConfigError("distributed.backend = \"nccl\" needs CUDA but run.device = \"cpu\"; "
@@ -893,6 +936,7 @@ _SECTIONS: dict[str, Any] = {
     "distributed": DistributedConfig,
     "data": DataConfig,
     "backbone": BackboneConfig,
+    "model": ModelConfig,
     "head": PartialFCConfig,
     "optimizer": OptimizerConfig,
     "schedule": ScheduleConfig,

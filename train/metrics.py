@@ -146,6 +146,12 @@ class StepTimer:
                 torch.cuda.synchronize(self.device)
             self._wall[name] = self._wall.get(name, 0.0) + time.perf_counter() - t0
 
+    def reset(self) -> None:
+        """Drops the phases recorded since the previous call without reading them (no device sync:
+        the trainer calls it on steps that do not log)."""
+        self._wall = {}
+        self._events = []
+
     def collect(self) -> dict[str, float]:
         """``{phase: seconds}`` since the previous call (in first-seen order); resets the timer."""
         out = dict(self._wall)

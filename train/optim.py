@@ -100,23 +100,34 @@ def _sq_norm(params: Iterable[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def global_grad_norm(
     replicated: Iterable[torch.Tensor], sharded: Iterable[torch.Tensor], ctx: ParallelContext,
-    device: torch.device,
-) -> torch.Tensor:
+    device: torch.device, flags: Optional[torch.Tensor] = None,
+):
     """L2 norm of all gradients of the model: replicated backbone + class-sharded head.
 
     The backbone's gradients are identical on every rank after DDP's all-reduce, so they count
     once; the head's shard norms are summed over ranks. Every rank gets the same value, so every
     rank clips by the same factor and skips the same non-finite steps.
 
+    Args:
+        flags: Optional ``[F]`` float tensor of per-rank values (stop request, non-finite loss, bad
+            input) summed over ranks in the same all-reduce as the norm, so the step's control
+            values cost no collective of their own.
+
     Returns:
-        Scalar fp32 tensor on ``device`` (inf/nan when any gradient is non-finite).
+        Scalar fp32 tensor on ``device`` (inf/nan when any gradient is non-finite); with ``flags``,
+        ``(norm, summed flags [F])``.
     """
     rep = _sq_norm(replicated)
     sh = _sq_norm(sharded)
     sh = sh if sh is not None else torch.zeros((), device=device)
-    sh = all_reduce_no_grad(sh.to(device), ctx, op=dist.ReduceOp.SUM)
+    if flags is not None:
+        packed = torch.cat([sh.to(device).float().reshape(1), flags.to(device).float().reshape(-1)])
+        packed = all_reduce_no_grad(packed, ctx, op=dist.ReduceOp.SUM)
+        sh, flags = packed[0], packed[1:]
+    else:
+        sh = all_reduce_no_grad(sh.to(device), ctx, op=dist.ReduceOp.SUM)
     total = sh + (rep.to(device) if rep is not None else 0.0)
-    return total.sqrt()
+    return total.sqrt() if flags is None else (total.sqrt(), flags)
 
 
 def clip_grads_(params: Iterable[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import random
 import signal
 import threading
@@ -47,6 +48,10 @@ from .optim import build_optimizer, clip_grads_, global_grad_norm, lr_factor, pa
 log = logging.getLogger("train.trainer")
 
 __all__ = ["Trainer", "TrainState", "NonFiniteLossError", "EXIT_PREEMPTED"]
+
+# Slots of the step's control flags (summed over ranks with the gradient norm, read once).
+_BAD_LOSS, _BAD_LABEL, _BAD_EMB, _STOP = range(4)
+_NUM_FLAGS = 4
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -135,6 +140,9 @@ class Trainer:
         self.deepspeed = cfg.distributed.engine == "deepspeed"
         class_counts = getattr(self.loader, "class_counts", None)
         self.head = PartialFCHead(cfg.head, class_counts=class_counts, device=self.device)
+        # The head's per-step input checks report through device flags that _optimizer_step reads
+        # with the gradient norm (one host read per step; docs/training.md, "Host syncs").
+        self.head.defer_input_checks = True
         self.head_opt = self._build_head_optimizer()
         fp16 = cfg.precision.dtype == "fp16"
         static = not isinstance(cfg.precision.loss_scale, str)
@@ -149,17 +157,31 @@ class Trainer:
         self.state = TrainState()
         self.ckpt_root = cfg.checkpoint_dir
         self.resumed_from: Optional[Path] = None
+        self.initialized_from: Optional[Path] = None
         #: The newest checkpoint known to hold a finite, resumable state (saved or resumed from).
         self.last_good_checkpoint: Optional[Path] = None
         self._maybe_resume()
-        # Only now, with the checkpoint accepted: a refused resume leaves the run directory's
-        # config.toml/derived.toml as they were (they describe the checkpoints in it).
+        if self.resumed_from is None and cfg.model.init_from:
+            self._init_from(cfg.model.init_from)
+        # Only now, with the checkpoint (or init_from) accepted: a refused resume leaves the run
+        # directory's config.toml/derived.toml as they were (they describe the checkpoints in it).
         if self.rank == 0:
             write_resolved(cfg, self.run_dir, self.derived)
+        self.best = _read_best(self.ckpt_root) if cfg.checkpoint.keep_best else None
+        self._writer = None
+        if cfg.checkpoint.async_save:
+            from .checkpoint_writer import AsyncCheckpointWriter
+
+            self._writer = AsyncCheckpointWriter(self.ckpt_root, self.head.ctx, cfg.distributed.timeout_s)
+        self._last_saved_step: Optional[int] = None
+        self._last_saved_path: Optional[Path] = None
         self.metrics = self._build_metrics()
         self.pair_sets = self._load_pair_sets()
         self._stop_requested = False
         self._stop_signal: Optional[str] = None
+        self._step_flags: Optional[torch.Tensor] = None
+        self._bad_loss: Optional[torch.Tensor] = None
+        self._stop_seen: Optional[bool] = None
         if handle_signals:
             self._install_signal_handlers()
 
@@ -257,12 +279,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ checkpoints
     @property
-    def _backbone_optimizer_for_checkpoint(self) -> Optional[torch.optim.Optimizer]:
-        # ZeRO-1/2 partitions the backbone optimizer state across ranks; the checkpoint format
-        # holds replicated backbone state only, so that state is not saved (docs/checkpoints.md).
-        if self.deepspeed and self.cfg.distributed.zero_stage > 0:
-            return None
-        return self.engine.optimizer
+    def _backbone_optimizer_for_checkpoint(self):
+        # A plain torch optimizer, or under ZeRO-1/2 a view that gathers the partitioned state by
+        # parameter name on save (collective) and scatters it on load (train/engines.py).
+        return self.engine.checkpoint_optimizer
 
     def _choose_checkpoint(self) -> Optional[Path]:
         """The checkpoint to resume from (checked against this job), or ``None`` for a fresh start.
@@ -344,6 +364,7 @@ class Trainer:
                                 backbone_optimizer=self._backbone_optimizer_for_checkpoint,
                                 scaler=self.scaler if self.scaler.is_enabled() else None,
                                 verify=False)  # hashed by check_checkpoint just before
+        self.engine.weights_loaded()  # ZeRO: its fp32 master copy follows the loaded weights
         self._apply_optimizer_hyperparameters(configured)
         st = TrainState(**extra["train_state"])
         # A fresh count: the checkpoint holds a finite state, and a count restored from before the
@@ -365,6 +386,79 @@ class Trainer:
         if self.rank == 0:
             log.info("resumed from %s at step %d (epoch %d, position %d per rank)", path, st.step, st.epoch,
                      st.position)
+
+    def _init_from(self, source: str) -> None:
+        """Loads pretrained backbone weights (``model.init_from``); the head and optimizers stay fresh."""
+        from .checkpoint import CheckpointError, load_backbone_and_extra
+
+        path = Path(source)
+        if path.is_file():
+            try:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a clear message for any unreadable file
+                raise CheckpointError(f"model.init_from = {source!r} is not a backbone file torch.load(weights_only=True) "
+                                      f"can read ({type(e).__name__}: {e})") from e
+            if not isinstance(payload, dict) or "state_dict" not in payload:
+                raise CheckpointError(f"model.init_from = {source!r} is not an exported backbone (pfc export's "
+                                      "backbone.pt with 'state_dict' and 'metadata'), nor a checkpoint directory")
+            state, meta = payload["state_dict"], dict(payload.get("metadata") or {})
+        elif path.is_dir():
+            root = path / self.cfg.checkpoint.dir if (path / self.cfg.checkpoint.dir).is_dir() else path
+            state, meta = load_backbone_and_extra(root)  # a checkpoint, a checkpoint root or a run directory
+        else:
+            raise CheckpointError(f"model.init_from = {source!r} does not exist")
+        b = self.cfg.backbone
+        name, dim = meta.get("backbone"), meta.get("embedding_size")
+        if (name is not None and str(name) != b.name) or (dim is not None and int(dim) != b.num_features):
+            raise CheckpointError(f"model.init_from = {source!r} holds a {name} backbone with embedding size {dim}; "
+                                  f"this run builds {b.name} with backbone.num_features = {b.num_features}")
+        from .checkpoint import _strip_module_prefix, _unwrap
+
+        try:
+            _unwrap(self.engine.module).load_state_dict(_strip_module_prefix(state))
+        except RuntimeError as e:
+            raise CheckpointError(f"model.init_from = {source!r} does not fit backbone {b.name}: {e}") from e
+        self.engine.weights_loaded()
+        self.initialized_from = path
+        if self.rank == 0:
+            log.info("backbone initialised from %s (weights only: fresh head, optimizers and schedule)", path)
+
+    def _update_best(self, results: dict[str, dict]) -> None:
+        """``checkpoint.keep_best``: after an evaluation, keeps this step's checkpoint as ``best``
+        when the figure improved. Collective (rank 0 evaluates, every rank learns the figure)."""
+        key = self.cfg.checkpoint.keep_best
+        value = float("nan")
+        if self.rank == 0:
+            value = _lookup_eval(results, key)
+        if self.world > 1:
+            t = torch.tensor([value], dtype=torch.float64, device=self.device)
+            dist.broadcast(t, src=0)
+            value = float(t.item())  # an evaluation step: not an ordinary step
+        if not math.isfinite(value):
+            return
+        better = (self.best is None or (value > self.best["value"] if self.cfg.checkpoint.keep_best_mode == "max"
+                                        else value < self.best["value"]))
+        if not better:
+            return
+        if self._last_saved_step == self.state.step:
+            self.wait_for_checkpoint()
+            path = self._last_saved_path
+        else:
+            path = self.save(wait=True)
+        if path is None:  # the state was not finite: nothing to keep
+            return
+        self.best = {"metric": key, "value": value, "step": self.state.step, "source": path.name}
+        if self.rank == 0:
+            from .checkpoint_writer import keep_as_best
+
+            keep_as_best(path, self.ckpt_root, self.best)
+            log.info("best %s = %.6g at step %d: kept as %s", key, value, self.state.step, self.ckpt_root / "best")
+        self._barrier()
+
+    def wait_for_checkpoint(self) -> None:
+        """Completes an asynchronous save in progress (collective; a no-op when there is none)."""
+        if self._writer is not None:
+            self._writer.wait()
 
     def _norm_stat_buffers(self) -> list[torch.Tensor]:
         """Running statistics of the backbone's BatchNorm layers (what a forward in train mode changes)."""
@@ -399,7 +493,7 @@ class Trainer:
     def _state_is_finite(self) -> bool:
         """Whether every floating tensor of the state a checkpoint holds is finite, on every rank."""
         tensors = list(self.engine.module.state_dict().values()) + list(self.head.state_dict().values())
-        for opt in (self.head_opt, self._backbone_optimizer_for_checkpoint):
+        for opt in (self.head_opt, self.engine.optimizer):
             if opt is not None:
                 # getattr: an engine's optimizer wrapper may keep its state elsewhere (then unchecked).
                 tensors += [v for st in getattr(opt, "state", {}).values() for v in st.values()
@@ -418,12 +512,15 @@ class Trainer:
             torch.ones(1, device=self.device)
         return bool(all_reduce_no_grad(ok, self.ctx, op=dist.ReduceOp.MIN).item() > 0)
 
-    def save(self) -> Optional[Path]:
+    def save(self, wait: bool = False) -> Optional[Path]:
         """Writes a checkpoint of the current step (collective: every rank calls it).
 
         Never saves what a resume should not start from: while the latest step was skipped as
         non-finite, or when any tensor of the state is not finite, the save is left out (counted
         in ``skipped_saves``, logged) and ``None`` returned, so retention keeps the last good one.
+
+        With ``checkpoint.async_save`` the call returns once the state is staged (copied to host
+        memory) and a thread writes it; ``wait=True`` (or :meth:`wait_for_checkpoint`) completes it.
         """
         from .checkpoint import save_checkpoint
 
@@ -447,15 +544,25 @@ class Trainer:
             "backbone": self.cfg.backbone.name,
             "embedding_size": self.cfg.backbone.num_features,
         }
-        path = save_checkpoint(
-            self.ckpt_root, self.state.step, self.head, self.head_opt, backbone=self.engine.module,
-            backbone_optimizer=self._backbone_optimizer_for_checkpoint,
-            scaler=self.scaler if self.scaler.is_enabled() else None, extra_state=extra,
-            keep_last=self.cfg.checkpoint.keep_last or None, finite=True,
-        )
+        bopt = self._backbone_optimizer_for_checkpoint
+        if bopt.collective:  # ZeRO: every rank takes part in gathering the state
+            bopt = bopt.state_dict()
+        kwargs = dict(backbone=self.engine.module, backbone_optimizer=bopt,
+                      scaler=self.scaler if self.scaler.is_enabled() else None, extra_state=extra,
+                      keep_last=self.cfg.checkpoint.keep_last or None, finite=True)
+        if self._writer is not None:
+            path = self._writer.save(self.state.step, self.head, self.head_opt, **kwargs)
+            if self.rank == 0:
+                log.info("checkpoint step %d -> %s (staged in %.3f s, writing in the background)", self.state.step,
+                         path, self._writer.last_stall_s)
+            if wait:
+                self._writer.wait()
+        else:
+            path = save_checkpoint(self.ckpt_root, self.state.step, self.head, self.head_opt, **kwargs)
+            if self.rank == 0:
+                log.info("checkpoint step %d -> %s", self.state.step, path)
         self.last_good_checkpoint = path
-        if self.rank == 0:
-            log.info("checkpoint step %d -> %s", self.state.step, path)
+        self._last_saved_step, self._last_saved_path = self.state.step, path
         return path
 
     # ------------------------------------------------------------------------------ one step
@@ -488,20 +595,45 @@ class Trainer:
         for g, lr in zip(opt.param_groups, saved):
             g["lr"] = lr
 
-    def _optimizer_step(self) -> tuple[bool, float]:
-        """Unscale, global norm, clip, then step both optimizers or neither. Returns (stepped, norm)."""
+    def _optimizer_step(self) -> tuple[bool, float, str]:
+        """Unscale, global norm, clip, then step both optimizers or neither.
+
+        The step's control values (the norm, a non-finite loss, bad input, a stop request) travel
+        in the norm's all-reduce and reach the host in one read: the only device sync of an
+        ordinary step (docs/training.md, "Host syncs").
+
+        Returns:
+            ``(stepped, norm, why)``; ``why`` says what was non-finite when not stepped.
+        """
         o = self.cfg.optimizer
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.engine.optimizer)
             self.scaler.unscale_(self.head_opt)
+        flags = torch.zeros(_NUM_FLAGS, device=self.device)
+        if self._step_flags is not None:
+            flags[:3] = self._step_flags.float()
+        flags[_STOP] = 1.0 if self._stop_requested else 0.0
         if self.engine.replicated_grads:
-            norm = global_grad_norm(self.engine.module.parameters(), [self.head.weight], self.ctx, self.device)
+            norm, flags = global_grad_norm(self.engine.module.parameters(), [self.head.weight], self.ctx,
+                                           self.device, flags=flags)
         else:  # ZeRO-partitioned gradients: DeepSpeed clips the backbone, the head by its own norm
-            norm = global_grad_norm([], [self.head.weight], self.ctx, self.device)
+            norm, flags = global_grad_norm([], [self.head.weight], self.ctx, self.device, flags=flags)
         if self.head.log_tau is not None and self.head.log_tau.grad is not None:
             # log_tau is replicated and its gradient identical on every rank: counted once.
             norm = torch.sqrt(norm**2 + self.head.log_tau.grad.detach().float().pow(2).sum())
-        finite = bool(torch.isfinite(norm))
+        verdict = torch.cat([norm.reshape(1).float(), flags]).tolist()  # THE host read of the step
+        norm_f, flags_f = verdict[0], verdict[1:]
+        self._stop_seen = flags_f[_STOP] > 0
+        why = f"gradient norm is {norm_f}"
+        if flags_f[_BAD_LABEL] > 0:
+            raise self.head.input_error() or ValueError(
+                f"a label outside [0, {self.cfg.head.num_classes}) in step {self.state.step + 1}: check the "
+                "dataset's class count against head.num_classes")
+        if flags_f[_BAD_EMB] > 0:
+            why = str(self.head.input_error() or "non-finite embeddings")
+        elif flags_f[_BAD_LOSS] > 0:
+            why = f"loss is {float(self._bad_loss)}" if self._bad_loss is not None else "loss is not finite"
+        finite = math.isfinite(norm_f) and flags_f[_BAD_EMB] == 0 and flags_f[_BAD_LOSS] == 0
         if finite and o.grad_clip > 0:
             params = [p for p in self.head.parameters() if p.grad is not None]
             if not self.engine.clips_own_grads:
@@ -520,7 +652,7 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.update()
         self._zero_grads()
-        return finite, float(norm)
+        return finite, norm_f, why
 
     def _note_nonfinite(self, why: str) -> None:
         self.state.skipped_steps += 1
@@ -562,8 +694,20 @@ class Trainer:
                         out, why = None, str(e)
                 if out is not None:
                     loss = out["loss"]
-                    # The head's loss is the same on every rank, so they all take the same branch.
-                    if not bool(torch.isfinite(loss.detach())):
+                    # No host read here: a non-finite loss (the same on every rank) or bad input is
+                    # a device flag that _optimizer_step reads with the norm, and the step is then
+                    # skipped on every rank (its NaN gradients are dropped).
+                    bad = torch.stack([~torch.isfinite(loss.detach()),
+                                       *(self.head.input_flags if self.head.input_flags is not None
+                                         else torch.zeros(2, dtype=torch.bool, device=loss.device))])
+                    first = self._step_flags is None
+                    self._step_flags = bad if first else self._step_flags | bad
+                    # A non-finite loss of this step, for the message (read only when skipping).
+                    self._bad_loss = loss.detach() if first else torch.where(bad[0], loss.detach(), self._bad_loss)
+                    if self.deepspeed and not bool(torch.isfinite(loss.detach())):
+                        # DeepSpeed reduces and partitions gradients inside its backward, where a
+                        # NaN could not be dropped again: its loss is read here (one read per
+                        # micro-step under DeepSpeed, docs/training.md) and the backward skipped.
                         out, why = None, f"loss is {float(loss.detach())}"
             with timer.phase("backward"):
                 if out is None:
@@ -584,7 +728,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ the loop
     def _stop_agreed(self) -> bool:
-        """Whether any rank received a stop signal (collective, one scalar)."""
+        """Whether any rank received a stop signal, as of this step's optimizer step.
+
+        The request rides on the gradient norm's all-reduce (``_optimizer_step``); a step dropped
+        before it (a non-finite micro-step under accumulation) asks with its own collective.
+        """
+        if self._stop_seen is not None:
+            seen, self._stop_seen = self._stop_seen, None
+            return seen
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
         flag = all_reduce_no_grad(flag, self.ctx, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
@@ -619,6 +770,9 @@ class Trainer:
         last_out: Optional[dict] = None
         bad_in_step: Optional[str] = None
         self._pending_nonfinite = None
+        self._step_flags: Optional[torch.Tensor] = None  # [non-finite loss, bad label, bad embedding]
+        self._bad_loss: Optional[torch.Tensor] = None
+        self._stop_seen: Optional[bool] = None
         self._set_lr()  # the schedule's value at the (possibly resumed) first step
         t_start = time.perf_counter()
         while self.state.step < d.total_steps:
@@ -636,6 +790,12 @@ class Trainer:
                     break
                 if micro_in_step == 0:
                     norm_stats = self._snapshot_norm_stats()
+                if images.shape[0] != cfg.data.batch_size:
+                    # The head's all-gathers need equal batches on every rank; the loaders pad or
+                    # drop the tail, so this is a host-side shape check (the head's own collective
+                    # check is off, see PartialFCHead.defer_input_checks).
+                    raise ValueError(f"the loader delivered a batch of {images.shape[0]} images, "
+                                     f"data.batch_size is {cfg.data.batch_size}")
                 micro_in_step += 1
                 last = micro_in_step == accum
                 out = self._micro_step(images, labels, last, timer)
@@ -658,9 +818,9 @@ class Trainer:
                         stepped, norm = False, float("nan")
                         why = bad_in_step
                     else:
-                        stepped, norm = self._optimizer_step()
-                        why = f"gradient norm is {norm}"
+                        stepped, norm, why = self._optimizer_step()
                 bad_in_step = None
+                self._step_flags = self._bad_loss = None
                 self.state.step += 1
                 if on_step is not None:
                     on_step(self.state.step, step_images)
@@ -675,7 +835,7 @@ class Trainer:
                     self._report(last_out, lrs, norm, timer, window_images, window_t0)
                     window_images, window_t0 = 0, time.perf_counter()
                 else:
-                    timer.collect()
+                    timer.reset()  # drops this step's phase times without reading the device
                 if cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0 \
                         and self.state.step < d.total_steps:
                     self.save()
@@ -691,6 +851,7 @@ class Trainer:
                 self.state.epoch += 1
                 self.state.position = 0
         self.save()
+        self.wait_for_checkpoint()  # complete before evaluating, exporting or exiting (75 after a signal)
         summary["train_seconds"] = round(time.perf_counter() - t_start, 2)
         if summary["preempted"]:
             if self.rank == 0:
@@ -708,6 +869,10 @@ class Trainer:
         if last_out is not None:
             summary["final_loss"] = {k: float(v.detach()) for k, v in last_out.items()}
         summary["metrics_url"] = self.metrics.url
+        if self.initialized_from is not None:
+            summary["initialized_from"] = str(self.initialized_from)
+        if self.best is not None:
+            summary["best"] = {**self.best, "path": str(self.ckpt_root / "best")}
         return summary
 
     def _report(self, out, lrs, norm, timer, window_images: int, window_t0: float) -> None:
@@ -753,6 +918,8 @@ class Trainer:
             finally:
                 module.train(was_training)
         self._barrier()
+        if self.cfg.checkpoint.keep_best:
+            self._update_best(results)
         return results
 
     def export(self) -> dict[str, Any]:
@@ -779,10 +946,57 @@ class Trainer:
         return out
 
     def close(self) -> None:
-        """Stops the metrics endpoint and leaves the process group."""
+        """Completes a checkpoint still being written, stops the metrics endpoint and leaves the
+        process group."""
+        if self._writer is not None:
+            # Local only: on an error path another rank may be gone; rank 0 still commits when
+            # every rank's files arrived, else the previous checkpoint stays the newest.
+            self._writer.wait(collective=False)
         self.metrics.close()
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _read_best(ckpt_root: Path) -> Optional[dict]:
+    from .checkpoint_writer import read_best
+
+    return read_best(ckpt_root)
+
+
+def _lookup_eval(results: dict, key: str) -> float:
+    """The figure ``"<pair set>/<figure>[/<sub>]"`` of an evaluation (``nan`` when not evaluated).
+
+    Raises:
+        ValueError: The key names nothing in the results (the message lists what there is).
+    """
+    node: Any = results
+    for part in key.split("/"):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            continue
+        if isinstance(node, dict):  # numeric keys such as FAR targets: 1e-4 == 0.0001
+            try:
+                match = [k for k in node if float(k) == float(part)]
+            except ValueError:
+                match = []
+            if match:
+                node = node[match[0]]
+                continue
+        if not results:
+            return float("nan")
+
+        def keys(d, prefix=""):
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    yield from keys(v, f"{prefix}{k}/")
+                elif isinstance(v, (int, float)):
+                    yield f"{prefix}{k}"
+
+        raise ValueError(f"checkpoint.keep_best = {key!r} is not an evaluation figure; there are: "
+                         + ", ".join(keys(results)))
+    if not isinstance(node, (int, float)):
+        raise ValueError(f"checkpoint.keep_best = {key!r} names a group, not a number")
+    return float(node)
 
 
 def run_training(cfg, *, export: bool = True) -> dict[str, Any]:

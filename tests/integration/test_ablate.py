@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from train.ablate import METRICS
+from train.ablate.protocol_v1 import METRICS
 from train.cli import main
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def test_quick_study_writes_results_and_reuses_finished_runs(tmp_path, capsys):
     import torch
 
     from partial_fc.backbones import build_backbone
-    from train.ablate import hard_pair_mask
+    from train.ablate.data import hard_pair_mask
     from train.checkpoint import export_backbone_state
     from train.evaluate.runner import embed_images, load_pair_set
     from train.evaluate.verification import ten_fold_accuracy

@@ -137,12 +137,15 @@ def test_lost_worker_restarts_and_resumes_exactly(data_dir, tmp_path):
     env.update(NPROC_PER_NODE="2", MAX_RESTARTS="1", RDZV_ENDPOINT=f"127.0.0.1:{util.free_port()}",
                RECIPE="cpu_demo", PYTHON=sys.executable)
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # the wrapper's default is under test
-    # The wrapper execs torchrun, so proc.pid is the elastic agent and its children the workers.
+    # The wrapper runs torchrun as its child (to keep the workers' exit codes): proc.pid is bash,
+    # its child the elastic agent, and the agent's children the workers.
     proc = subprocess.Popen(["bash", str(LAUNCH / "torchrun.sh"), *args], cwd=util.REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         util.wait_for(lambda: 4 in util.checkpoint_steps(run_dir), 180, "the step-4 checkpoint", proc, poll=0.05)
-        killed = util.signal_workers(proc.pid, signal.SIGKILL, only_one=True)
+        agent = util.wait_for_child(proc.pid, "torch.distributed.run", 60, proc)
+        util.wait_for(lambda: len(util.children(agent)) == 2, 60, "the 2 workers", proc, poll=0.05)
+        killed = util.signal_workers(agent, signal.SIGKILL, only_one=True)
         assert len(killed) == 1
         out, _ = proc.communicate(timeout=240)
     finally:

@@ -104,6 +104,25 @@ def wait_for(pred, timeout: float, what: str, proc: Optional[subprocess.Popen] =
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_for_child(pid: int, needle: str, timeout: float, proc=None) -> int:
+    """The first direct child of ``pid`` whose command line contains ``needle``."""
+    found: list[int] = []
+
+    def look() -> bool:
+        for c in children(pid):
+            try:
+                cmd = Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if needle in cmd:
+                found.append(c)
+                return True
+        return False
+
+    wait_for(look, timeout, f"a child of {pid} running {needle}", proc, poll=0.05)
+    return found[0]
+
+
 def signal_workers(torchrun_pid: int, sig: signal.Signals, only_one: bool = True) -> list[int]:
     """Sends ``sig`` to the worker processes of a torchrun agent."""
     pids = children(torchrun_pid)

@@ -298,6 +298,7 @@ def test_step_timer_phases_sum_sensibly():
             StepTimer("cpu", mode="events")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["events", "sync"])
 def test_step_timer_cuda(mode):

@@ -1,4 +1,4 @@
-"""train.study_stats on inputs whose answer is known (and against scipy / the project's ROC code)."""
+"""train.ablate.stats on inputs whose answer is known (and against scipy / the project's ROC code)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from train import study_stats as st
+from train.ablate import stats as st
 
 
 def _toy(seed: int = 0, ids: int = 30, per: int = 6, d: int = 16, noise: float = 0.6):

@@ -1,4 +1,4 @@
-"""Statistics of the cluster-guidance study: pair scores at scale, splits, paired intervals.
+"""Statistics of the cluster-guidance study (protocol study-v2): pair scores at scale, splits, paired intervals.
 
 Everything here is plain numpy on arrays a run already has (embeddings, labels, per-identity
 ground truth, per-seed metrics), so it is cheap next to training and testable on known inputs.

@@ -1,4 +1,4 @@
-"""The ``study-v2`` protocol of ``pfc ablate``: does cluster guidance help, and on which identities?
+"""Protocol ``study-v2`` of ``pfc ablate``: does cluster guidance help, and on which identities?
 
 Used when a study spec sets ``protocol = "study-v2"`` (see ``train/studies/cg_study.toml`` and
 docs/results.md, "Next study"). Next to training, every run:
@@ -21,20 +21,21 @@ docs/results.md, "Next study"). Next to training, every run:
   - **phi diagnostics**: Spearman correlation of the final phi with log Z (class size) and with
     the true nuisance level, and phi's epoch-to-epoch rank stability.
 
-The statistics are in :mod:`train.study_stats`; :func:`study_report` writes ``study.md`` with the
-paired differences to the baseline and their 95% intervals.
+The decoded images and ground truth are :class:`train.ablate.data.StudyData`; the statistics are in
+:mod:`train.ablate.stats`; :func:`study_report` writes ``study.md`` with the paired differences to
+the baseline and their 95% intervals.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from . import study_stats as st
+from . import stats as st
+from .data import StudyData
 
 PROTOCOL_V2 = "study-v2"
 
@@ -66,61 +67,11 @@ PHI_METRICS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _decode_rec(path: Path, image_size: int):
-    import torch
-
-    from dali_pipelines import FaceRecordDataset
-    from dali_pipelines.decode import fit_size, get_decoder
-
-    decode = get_decoder("auto")
-    ds = FaceRecordDataset(path)
-    try:
-        imgs = torch.from_numpy(np.stack([fit_size(decode(ds.encoded_image(i)), image_size) for i in range(len(ds))]))
-        labels = np.asarray(ds.labels, dtype=np.int64)
-    finally:
-        ds.close()
-    return imgs.permute(0, 3, 1, 2).contiguous(), labels
-
-
-class StudyData:
-    """The decoded held-out, probe and (on demand) training images and the ground truth.
-
-    Attributes:
-        heldout_images: ``[M, 3, S, S]`` uint8 of the clustering split (all images).
-        heldout_labels: ``[M]`` identity index within that split.
-        heldout: ``{"family", "difficulty"}`` per held-out identity.
-        probe_images, probe_labels: unseen images of the training identities (or ``None``).
-        train: ``{"images" (class sizes), "family", "difficulty"}`` per training identity.
-    """
-
-    def __init__(self, data_dir: Path, image_size: int) -> None:
-        self.data_dir, self.image_size = Path(data_dir), int(image_size)
-        meta = json.loads((self.data_dir / "identities.json").read_text())
-        if "family" not in meta.get("clustering", {}) or "images" not in meta.get("train", {}):
-            raise ValueError(f"{self.data_dir}/identities.json has no family/size ground truth: the study-v2 "
-                             "protocol needs a dataset made with the study options (family_size, size_distribution)")
-        cl, tr = meta["clustering"], meta["train"]
-        self.heldout = {"family": np.asarray(cl["family"]), "difficulty": np.asarray(cl["difficulty"])}
-        self.train = {"images": np.asarray(tr["images"]), "family": np.asarray(tr["family"]),
-                      "difficulty": np.asarray(tr["difficulty"])}
-        self.heldout_images, self.heldout_labels = _decode_rec(self.data_dir / "cluster.rec", image_size)
-        self.probe_images = self.probe_labels = None
-        if (self.data_dir / "probe.rec").is_file():
-            self.probe_images, self.probe_labels = _decode_rec(self.data_dir / "probe.rec", image_size)
-        self._train_images = None
-
-    def train_images(self):
-        """``(images [N, 3, S, S] uint8, labels [N])`` of the training set (decoded once)."""
-        if self._train_images is None:
-            self._train_images = _decode_rec(self.data_dir / "train.rec", self.image_size)
-        return self._train_images
-
-
 def embed(model, images, batch_size: int = 256) -> np.ndarray:
     """L2-normalised ``[N, D]`` float64 embeddings in eval mode, without autograd."""
     import torch
 
-    from .evaluate.runner import embed_images
+    from ..evaluate.runner import embed_images
 
     device = next(model.parameters()).device
     was = model.training
@@ -160,7 +111,7 @@ def heldout_metrics(model, data: StudyData, *, fars: Sequence[float] = (1e-3, 1e
     if clustering:
         from sklearn.cluster import KMeans
 
-        from .evaluate.clustering import clustering_scores
+        from ..evaluate.clustering import clustering_scores
 
         k = int(np.unique(ident).size)
         pred = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(emb)
