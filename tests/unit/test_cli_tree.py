@@ -56,8 +56,10 @@ def test_every_option_sits_in_a_titled_group():
     """Only -h/--help in argparse's untitled groups; the verb's own options in named groups."""
     parser = build_parser()
     for name, p in parser.verb_parsers.items():
-        titled = {id(a) for g in p._action_groups if g.title not in ("options", "positional arguments")
+        titled = {id(a) for g in p._action_groups if g is not p._optionals and g is not p._positionals
                   for a in g._group_actions}
+        titles = [g.title for g in p._action_groups]
+        assert len(titles) == len(set(titles)), (name, titles)  # no second "options" heading
         loose = [a.option_strings or a.dest for a in p._actions if id(a) not in titled and a.dest != "help"]
         assert not loose, (name, loose)
         assert p.prog == f"pfc {name}"

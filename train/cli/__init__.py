@@ -97,10 +97,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[0] not in known:
         print(f"pfc: unknown verb {argv[0]!r}; verbs: {', '.join(known)} (pfc --help)", file=sys.stderr)
         return 2
-    if argv[0] == "eval":  # TEMPORARY: train/evaluate/cli.py still builds its own parser
-        from ..evaluate.cli import main as eval_main
-
-        return eval_main(argv[1:])
     if argv[0] != "train":
         return _dispatch(argv)
     code = 1  # an exception escaping `pfc train` is a crash

@@ -10,7 +10,9 @@ Examples::
         --template-pairs ijbc_pairs.txt --template-images ijbc_crops/ --media-pooling --out eval/
 
 Writes ``report.md``, ``metrics.json`` and PNG figures into ``--out`` (see
-:mod:`train.evaluate.report` and docs/evaluation.md).
+:mod:`train.evaluate.report` and docs/evaluation.md). :func:`add_arguments` adds the options to
+the ``pfc`` tree's eval parser and :func:`run` evaluates a parsed namespace (train/cli/evaluate.py
+turns its input errors into exit code 2); :func:`main` is ``pfc eval ARGV``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["main"]
+__all__ = ["add_arguments", "run", "main"]
 
 log = logging.getLogger("train.evaluate")
 
@@ -34,14 +36,9 @@ class _InputError(ValueError):
     """A command-line input that is missing or unusable (exit status 2)."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pfc eval",
-        description="Evaluate a face-embedding model: pair-set verification (10-fold accuracy, TAR@FAR, ROC; "
-                    "the five .bin sets), IJB-B/C 1:1 on the insightface release, IJB-B clustering on the official "
-                    "subtasks, MegaFace challenge 1, IJB-style 1:1 on your own template lists, clustering (K-means, DBSCAN, agglomerative; NMI, "
-                    "pairwise and BCubed F), similarity histograms and, from a checkpoint, the distribution of "
-                    "concentration phi and margins. Writes report.md, metrics.json and PNGs to --out.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Adds every option of ``pfc eval``, in titled groups, to ``p`` (the ``pfc`` tree's eval
+    parser, train/cli/evaluate.py, which also holds the description and examples)."""
     src = p.add_argument_group("model (exactly one)")
     ex = src.add_mutually_exclusive_group(required=True)
     ex.add_argument("--checkpoint", help="a run directory, its checkpoints/ root, or a step_* directory")
@@ -76,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--synthetic", metavar="DIR",
                       help="a `pfc synth` dataset: uses its verification.bin, cluster.rec (clustering) and a template "
                            "protocol generated from cluster.rec, and reports results by identity difficulty")
-    opt = p.add_argument_group("options")
+    opt = p.add_argument_group("evaluation options")
     opt.add_argument("--out", required=True, help="output directory for report.md, metrics.json and PNGs")
     opt.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                      help="flip-test fusion: embed image + mirror, sum, normalise (default: on, as in training-time "
@@ -127,7 +124,6 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--templates-per-identity", type=int, default=4,
                      help="--synthetic: templates per clustering identity in the generated protocol")
     opt.add_argument("--seed", type=int, default=0, help="seed of the clustering subsets, K-means and the protocol")
-    return p
 
 
 def _file(path: Optional[str], what: str) -> Optional[Path]:
@@ -284,7 +280,7 @@ def _phi_by_difficulty(report, step_dir: Path, args, meta: dict) -> tuple[Option
 
 
 def run(args) -> dict:
-    """Runs the evaluation ``args`` describes and writes the report (see :func:`main`)."""
+    """Runs the evaluation ``args`` describes and writes the report; returns its metrics (see :func:`main`)."""
     from .clustering import ClusteringProtocolConfig, run_clustering_protocol
     from .concentration import class_concentration
     from .embedders import ImageSource, embed_image_tokens, embed_rec, load_embedder
@@ -461,20 +457,11 @@ def run(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``pfc eval``.
-
-    Args:
-        argv: Arguments after ``eval`` (``sys.argv[2:]`` style).
+    """``pfc eval ARGV`` (``argv``: the arguments after ``eval``), parsed by the ``pfc`` tree.
 
     Returns:
         0 on success, 2 for missing or unusable inputs (the message says which).
     """
-    from dali_pipelines import RecordIOError, UnsafePickleError
+    from ..cli import main as pfc
 
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, UnsafePickleError, RecordIOError) as e:
-        print(f"pfc eval: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return pfc(["eval", *(sys.argv[1:] if argv is None else argv)])
