@@ -23,7 +23,8 @@ PACK_DESCRIPTION = ("Packs ROOT/<identity>/<images> into RecordIO. Re-running th
                     "interrupted pack (finished shards are verified and kept). `pack --verify DATASET` checks "
                     "a packed .rec or shard manifest.")
 SYNTH_HELP = "deterministic synthetic identity dataset"
-SYNTH_DESCRIPTION = "Generates a deterministic synthetic identity dataset (training, verification, clustering) in --out."
+SYNTH_DESCRIPTION = ("Generates a deterministic synthetic identity dataset (training, verification, clustering) "
+                     "in --out.")
 
 
 def _group(parser, title: str):
