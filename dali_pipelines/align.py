@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ARCFACE_TEMPLATE_112", "align_face", "estimate_similarity", "transform_points"]
+__all__ = ["ARCFACE_TEMPLATE_112", "align_face", "estimate_similarity", "read_landmarks", "transform_points"]
 
 #: The five reference points (x, y) of insightface's 112x112 ArcFace crop, in the order left eye,
 #: right eye, nose tip, left mouth corner, right mouth corner (left/right as seen in the image).
@@ -116,4 +116,43 @@ def align_face(image: np.ndarray, landmarks, size: int = 112, template=None) -> 
                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     if img.ndim == 3 and out.ndim == 2:
         out = out[..., None]
+    return out
+
+
+def read_landmarks(path) -> dict[str, np.ndarray]:
+    """Reads a 5-point landmark file: one face a line, ``NAME x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 [score]``.
+
+    ``NAME`` is the image's path (as the caller keys it, e.g. relative to a folder); a trailing
+    detector score, as in the insightface release files, is accepted and ignored. Blank lines and
+    lines starting with ``#`` are skipped. Points are in the template's order (left eye, right eye,
+    nose, left mouth corner, right mouth corner), in pixels of the original image.
+
+    Returns:
+        ``{name: [5, 2] float64}``.
+
+    Raises:
+        ValueError: A malformed line or a name given twice; the message names file and line.
+    """
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text") from None
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) not in (11, 12):
+                raise ValueError(f"{path}:{lineno}: expected NAME and 10 coordinates (and an optional "
+                                 f"score), got {len(parts)} fields")
+            try:
+                pts = np.array([float(v) for v in parts[1:11]], dtype=np.float64).reshape(5, 2)
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: coordinates must be numbers: {line[:120]!r}") from None
+            if not np.isfinite(pts).all():
+                raise ValueError(f"{path}:{lineno}: coordinates must be finite: {line[:120]!r}")
+            if parts[0] in out:
+                raise ValueError(f"{path}:{lineno}: {parts[0]} has landmarks twice")
+            out[parts[0]] = pts
     return out

@@ -50,6 +50,9 @@ def add_pack_arguments(parser) -> None:
                    help="write N shards in plain layout, one writer process per shard, plus OUT.json")
     p.add_argument("--layout", choices=("auto", "insightface", "plain"), default="auto",
                    help="auto (default): insightface for one file below 2^24 records, else plain")
+    p.add_argument("--landmarks", type=Path, default=None, metavar="FILE",
+                   help="align every image from 5 landmarks before storing it; one line per image: "
+                        "NAME x1 y1 ... x5 y5 [score], NAME relative to ROOT (needs the eval extra: OpenCV)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -72,7 +75,7 @@ def run_pack(args: argparse.Namespace) -> int:
         try:
             summary = pack_folder(args.root, args.out, size=args.size, quality=args.quality,
                                   workers=args.workers, progress=not args.no_progress,
-                                  layout=args.layout, shards=args.shards)
+                                  layout=args.layout, shards=args.shards, landmarks=args.landmarks)
         except KeyboardInterrupt:
             print("pack interrupted: finished shards are kept, nothing partial looks complete; "
                   "run the same command again to resume", file=sys.stderr)
