@@ -36,6 +36,8 @@ setup(
         # Fast JPEG decode for the fallback loader and the evaluation runner (wheels for
         # manylinux x86_64/aarch64; no system libjpeg needed).
         "simplejpeg==1.9.0",
+        # Writes the resolved config.toml of a run (python 3.11's tomllib only reads).
+        "tomli-w==1.2.0",
     ],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["pfc=train.cli:main"]},
