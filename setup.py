@@ -26,7 +26,7 @@ setup(
     ),
     python_requires=">=3.10",
     packages=find_packages(include=["partial_fc*", "dali_pipelines*", "train*"]),
-    package_data={"train": ["recipes/*.toml"]},
+    package_data={"train": ["recipes/*.toml", "config/docs_template.md"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

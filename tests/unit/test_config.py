@@ -394,6 +394,32 @@ def test_argparse_helpers():
     assert C.config_from_args(parser.parse_args([])) == C.load_config(None)
 
 
+def test_docs_config_md_is_generated():
+    """docs/config.md is the generator's output: regenerate with `python -m train.config.docs > docs/config.md`."""
+    from train.config import docs
+
+    assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == docs.render(), \
+        "docs/config.md is stale: run `python -m train.config.docs > docs/config.md`"
+
+
+def test_docs_generator_needs_a_docstring_entry_per_key():
+    from train.config import docs
+
+    @dataclasses.dataclass(frozen=True)
+    class Undocumented:
+        """The ``[x]`` section.
+
+        Attributes:
+            a: Documented.
+        """
+
+        a: int = 1
+        b: int = 2
+
+    with pytest.raises(ValueError, match="Undocumented.b has no entry"):
+        docs.section_markdown("x", Undocumented)
+
+
 def test_every_key_is_documented():
     doc = (ROOT / "docs" / "config.md").read_text()
     for key in C._all_keys():

@@ -15,16 +15,18 @@ DALI_DECODE = ("auto", "cpu", "mixed")
 class SynthDataConfig(_Section):
     """The ``[data.synth]`` section: the demo dataset the project generates.
 
-    The generator writes ``<out_dir>/train.rec`` + ``train.idx`` (MXNet RecordIO, one identity
-    label per record) and ``<out_dir>/verification.bin`` (LFW-style pairs of held-out identities).
+    The generator (``pfc synth``, :mod:`dali_pipelines.synth_faces`) writes ``<out_dir>/train.rec``
+    and ``train.idx`` (MXNet RecordIO, one identity label per record; ``SynthDataConfig.train_rec``)
+    and ``<out_dir>/verification.bin`` (``SynthDataConfig.verification_bin``), LFW-style pairs from
+    held-out identities.
 
     Attributes:
-        identities: Number of training identities.
-        images_per_identity: Images generated per identity.
-        seed: Generator seed (the same seed gives the same files).
+        identities: Training identities (>= 2).
+        images_per_identity: Images per identity (>= 2).
+        seed: Generator seed; the same seed gives the same files.
         out_dir: Output directory.
-        image_size: Side of the square images in pixels.
-        verification_pairs: Pairs in the verification ``.bin`` (half genuine, half impostor).
+        image_size: Side of the square images.
+        verification_pairs: Pairs in the `.bin` (even: half genuine, half impostor).
     """
 
     _SECTION = "data.synth"
@@ -69,24 +71,25 @@ class DataConfig(_Section):
     """The ``[data]`` section: the training set and its loader.
 
     Attributes:
-        kind: ``"dali"`` (NVIDIA DALI reading RecordIO), ``"torch"`` (a torch DataLoader over the
-            same RecordIO) or ``"synthetic"`` (random tensors made on the fly, no files: smoke and
-            throughput tests; ``synth.identities`` classes, ``synth.num_samples`` per epoch).
-        train_rec: Path of the training ``.rec`` (its ``.idx`` next to it) or of a shard manifest
-            ``.json`` (``pfc pack --shards``). Required unless ``kind = "synthetic"``.
-        batch_size: Images per rank per step (the global batch is this times the world size).
-        num_workers: DataLoader worker processes (``kind = "torch"``).
-        dali_threads: DALI CPU threads per rank (``kind = "dali"``).
-        dali_decode: ``"auto"`` (GPU-assisted ``"mixed"`` on CUDA, else ``"cpu"``), ``"cpu"`` or
-            ``"mixed"``.
-        prefetch: Batches prepared ahead per rank (DALI queue depth / DataLoader prefetch).
-        drop_last: Drop the last incomplete global batch of each epoch.
-        flip: Random horizontal flip augmentation.
-        shuffle: Reshuffle the training set every epoch.
-        strict_decode: Fail on a record that does not decode; ``false`` skips and counts it.
-        image_size: Side of the square training images (records of another size are
-            center-cropped or padded); backbones get it as ``input_size`` when it is not 112.
-        synth: Options of the generated demo dataset (see :class:`SynthDataConfig`).
+        kind: One of `"dali"`, `"torch"`, `"synthetic"`. DALI over RecordIO, a torch DataLoader over
+            RecordIO, or random tensors made on the fly (no files; `synth.identities` classes and
+            `synth.identities * synth.images_per_identity` images per epoch).
+        train_rec: The training `.rec` (the `.idx` sits next to it, `DataConfig.train_idx`) or a
+            shard manifest `.json` written by `pfc pack --shards` (docs/data.md). Required for
+            `dali`/`torch`; an error with `synthetic`, which would ignore it.
+        batch_size: Images per rank per micro-step.
+        num_workers: DataLoader workers (`torch`).
+        dali_threads: DALI CPU threads per rank (`dali`).
+        dali_decode: One of `"auto"`, `"cpu"`, `"mixed"`. JPEG decoding: `mixed` is GPU-assisted;
+            `auto` picks mixed on CUDA, else cpu.
+        prefetch: Batches prepared ahead per rank.
+        drop_last: Drop the incomplete last global batch of an epoch.
+        flip: Random horizontal flip.
+        shuffle: Reshuffle every epoch.
+        strict_decode: Fail on a record that does not decode; `false` skips and counts it.
+        image_size: Side of the square training images (>= 16); records of another size are
+            center-cropped or padded. The backbone gets it as `input_size` when it is not 112
+            (`iresnet_nano` at 56 is 4x cheaper: the cluster-guidance study uses it).
     """
 
     _SECTION = "data"

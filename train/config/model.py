@@ -22,12 +22,12 @@ class BackboneConfig(_Section):
     """The ``[backbone]`` section: the data-parallel embedding network.
 
     Attributes:
-        name: Registry name in ``partial_fc.backbones`` (e.g. ``"r50"``, ``"vit_b"``); it is
-            stored as given and looked up when the model is built.
-        num_features: Embedding size; must equal ``head.embedding_size``.
+        name: Name in the `partial_fc.backbones` registry; stored as given and looked up when the
+            model is built.
+        num_features: Embedding size; must equal `head.embedding_size`.
         dropout: Dropout before the embedding layer, in [0, 1).
-        channels_last: Use the channels-last memory format (faster convolutions on GPU).
-        compile: Wrap the backbone in ``torch.compile``.
+        channels_last: Channels-last memory format.
+        compile: `torch.compile` the backbone.
     """
 
     _SECTION = "backbone"
@@ -51,12 +51,12 @@ class ModelConfig(_Section):
     """The ``[model]`` section: where the backbone's weights start.
 
     Attributes:
-        init_from: ``""`` (random initialisation) or a path to pretrained backbone weights for
-            fine-tuning: a checkpoint directory, a checkpoint root or a run directory (its newest
-            complete checkpoint), or an exported ``backbone.pt``. Only the backbone's weights are
-            loaded; the head, both optimizers and the schedule start fresh. A run that has a
-            checkpoint of its own resumes from it instead (``checkpoint.resume = "auto"``), so a
-            requeued fine-tuning job continues where it stopped.
+        init_from: Pretrained backbone weights to fine-tune from: a checkpoint directory, a
+            checkpoint root or run directory (its newest complete checkpoint), or an exported
+            `backbone.pt`. Weights only: the head, both optimizers and the schedule start fresh. A
+            run with a checkpoint of its own resumes from that instead (`resume = "auto"`); an
+            explicit `checkpoint.resume` path together with `init_from` is an error. See
+            [training.md](training.md#fine-tuning-and-model-selection).
     """
 
     _SECTION = "model"
@@ -68,13 +68,68 @@ class ModelConfig(_Section):
 class HeadSection(_Section):
     """The ``[head]`` section while ``num_classes`` is still to come from the dataset.
 
-    The fields are those of :class:`PartialFCConfig`, with the same defaults
-    (tests/unit/test_config.py checks that they stay the same); ``num_classes`` is ``None``.
-    Construction checks every option with PartialFCConfig's own validation.
-    :func:`head_config` gives the ``PartialFCConfig`` once the class count is known.
+    The keys of ``partial_fc.config.PartialFCConfig``, with the same defaults
+    (tests/unit/test_config.py checks that they stay the same) and its own validation;
+    ``num_classes`` may be left out (see "The head and ``num_classes``" above). A recipe without it
+    gives a ``HeadSection`` (``num_classes = None``); ``TrainConfig.resolve`` turns it into a
+    ``PartialFCConfig`` with :func:`head_config` once the dataset is open.
 
     Attributes:
-HEAD_ATTRIBUTES
+        num_classes: Number of identities (all ranks together).
+        embedding_size: Embedding dimension; must equal `backbone.num_features`.
+        sample_rate: Fraction of each rank's classes scored per step (positives always kept), in (0,
+            1].
+        con_sample_rate: Fraction of each rank's classes whose cluster centers are the Con loss's
+            candidates (positives always kept), in (0, 1], drawn per step from its own seeded
+            stream. Smaller = fewer negatives, less Con time (its two `N x K x D` matmuls); quality
+            effect not measured at scale. See
+            [method.md](method.md#5-supervised-cluster-contrastive-loss-con-paper-the-temperature-scaling-is-pcls).
+        method: A preset: `arcface`, `cosface`, `combined`, `s1`..`s6`, `s2_center`, `s2_triplet`,
+            `s6_center`, `s6_triplet`. Recipes use `s6`.
+        margin: Override the preset's margin.
+        s: Logit scale.
+        m: Constant margin (0.5 ArcFace/CG, 0.4 CosFace); also CG-ArcFace's warm-up margin.
+        m1: Combined margin `cos(m1*theta + m2) - m3`.
+        m2: Combined margin `cos(m1*theta + m2) - m3`.
+        m3: Combined margin `cos(m1*theta + m2) - m3`.
+        m_min: CG-ArcFace margin range.
+        m_max: CG-ArcFace margin range.
+        margin_direction: or `"looser_smaller"`.
+        margin_grad: or `"straight_through"`.
+        margin_warmup_steps: Head forward passes with the constant margin before CG-ArcFace takes
+            over.
+        margin_warmup_unseen: Classes without a concentration estimate use `m`.
+        phi_percentiles: Percentile range phi is clipped to.
+        phi_bins: Histogram bins of the global percentiles.
+        bank_momentum: Momentum of the cluster-center bank.
+        phi_momentum: Momentum of the running mean distance.
+        phi_alpha: Concentration smoothing constant.
+        phi_count_norm: `"log"`: phi = mean distance / log(Z + alpha) (PCL); `"none"`: phi = mean
+            distance (no class-size term). A study control; see
+            [method.md](method.md#10-study-controls-ours).
+        phi_shuffle: Control: `"margin"`, `"temperature"` or `"both"` give each class the phi of
+            another class (a fixed permutation from `head.seed`): same distribution, no information.
+            One all-gather of every class's phi per step.
+        phi_refresh: `"offline"`: the step leaves the bank alone; the caller rewrites it by a full
+            pass over the training set (`partial_fc.cluster.offline_refresh`). `pfc ablate` does
+            this before the first step and after every epoch; `pfc train` does not, and the head
+            raises on its first step if the bank was never filled.
+        track_clusters: Keep the bank even when the method does not need it.
+        con_weight: Weight of the contrastive-slot loss.
+        ali_weight: Weight of the cluster-aligning loss.
+        temperature: `adaptive`, `fixed` or `learnable`.
+        tau: Base temperature.
+        tau_ratio_range: Bounds of the adaptive temperature ratio.
+        triplet_margin: Margin of the triplet variant.
+        embedding_grad: or `"exact"`.
+        init_std: Std of the class-center initialisation.
+        seed: Seed of the class centers and the class sampler.
+        validate_inputs: Check labels and finiteness every step.
+        row_update: `lazy`: W's shard gets a row-sparse gradient of the sampled rows only and the
+            head optimizer (SparseRowSGD / SparseRowAdamW) updates only those rows; unsampled rows
+            keep their momentum frozen and get no weight decay. `dense`: a dense `[C, D]` gradient
+            and a plain torch optimizer over the whole shard (momentum keeps moving unsampled rows,
+            weight decay shrinks every row every step). See docs/performance.md.
     """
 
     _SECTION = "head"

@@ -14,19 +14,21 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class OptimizerConfig(_Section):
-    """The ``[optimizer]`` section (two parameter groups: backbone and head).
+    """The ``[optimizer]`` section.
+
+    The backbone and the head form two parameter groups.
 
     Attributes:
-        name: ``"sgd"`` (with momentum) or ``"adamw"``.
-        lr: Peak learning rate of the backbone (for the global batch the recipe was tuned for).
-        head_lr: Peak learning rate of the head; ``None`` (omitted) uses ``lr``.
-        momentum: SGD momentum.
-        weight_decay: Weight decay of the backbone.
-        head_weight_decay: Weight decay of the head; ``None`` (omitted) uses ``weight_decay``.
+        name: One of `"sgd"`, `"adamw"`. SGD with momentum, or AdamW.
+        lr: Peak backbone learning rate.
+        head_lr: Peak head learning rate.
+        momentum: SGD momentum, in [0, 1).
+        weight_decay: Backbone weight decay.
+        head_weight_decay: Head weight decay.
         betas: AdamW betas.
         eps: AdamW epsilon.
-        grad_clip: Clip the global gradient norm to this value; 0 disables clipping.
-        grad_accumulation: Micro-batches accumulated per optimizer step.
+        grad_clip: Max global gradient norm; 0 = no clipping.
+        grad_accumulation: Micro-batches per optimizer step.
     """
 
     _SECTION = "optimizer"
@@ -71,13 +73,14 @@ class OptimizerConfig(_Section):
 
 @dataclass(frozen=True)
 class ScheduleConfig(_Section):
-    """The ``[schedule]`` section: linear warm-up, then decay, per optimizer step.
+    """The ``[schedule]`` section.
+
+    A linear warm-up followed by a decay, counted in optimizer steps.
 
     Attributes:
         warmup_steps: Warm-up length in optimizer steps.
-        warmup_epochs: Warm-up length in epochs (converted by :func:`derive`); set at most one of
-            the two.
-        decay: ``"poly"`` (``(1 - t)^power``), ``"cosine"`` or ``"constant"``.
+        warmup_epochs: Warm-up length in epochs (converted by `derive`). Set at most one of the two.
+        decay: One of `"poly"`, `"cosine"`, `"constant"`. Decay after the warm-up.
         power: Exponent of the polynomial decay.
         min_lr_ratio: Final learning rate as a fraction of the peak, in [0, 1].
     """
@@ -107,9 +110,11 @@ class PrecisionConfig(_Section):
     """The ``[precision]`` section: autocast dtype and fp16 loss scaling.
 
     Attributes:
-        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast dtype; master weights stay fp32).
-        loss_scale: ``"dynamic"`` or a positive static scale (fp16 only).
-        initial_scale: First dynamic loss scale.
+        dtype: One of `"fp32"`, `"bf16"`, `"fp16"`. Autocast dtype; master weights stay fp32. `fp16`
+            needs CUDA.
+        loss_scale: One of `"dynamic"`, float. fp16 loss scaling: dynamic, or a positive static
+            scale.
+        initial_scale: First dynamic scale.
         growth_interval: Steps without overflow before the dynamic scale doubles.
     """
 

@@ -12,19 +12,21 @@ class CheckpointConfig(_Section):
     """The ``[checkpoint]`` section.
 
     Attributes:
-        every_steps: Save every this many optimizer steps (0: only at the end).
-        keep_last: Keep this many most recent checkpoints (0: keep all).
-        dir: Checkpoint directory, relative to the run directory (an absolute path is used as is).
-        resume: ``"auto"`` (the newest valid checkpoint in ``dir``; a fresh start when ``dir`` has
-            none, an error when it has checkpoints but none is valid), ``"auto-or-fresh"`` (the
-            same, but a fresh start when none is valid), ``"none"`` or a checkpoint path.
-        keep_best: ``""`` (off) or an evaluation key ``"<pair set>/<figure>"`` (e.g.
-            ``"verification/accuracy"``, ``"lfw/tar/0.0001"``): after each evaluation that improves
-            it, the step's checkpoint is kept as ``<dir>/best`` (hard links, so no extra space while
-            the step is still kept), beside the ``keep_last`` newest ones.
-        keep_best_mode: ``"max"`` (higher is better) or ``"min"``.
-        async_save: Write checkpoints in a background thread: training waits only while the state
-            is copied into host buffers (see docs/checkpoints.md).
+        every_steps: Save every N optimizer steps; 0 = only at the end.
+        keep_last: Keep the N most recent; 0 = keep all.
+        dir: Relative to the run directory (`TrainConfig.checkpoint_dir`).
+        resume: `"auto"`: the newest valid checkpoint in `dir` (falling back past damaged or
+            incompatible ones, with a warning in the run log); a fresh start when `dir` has no
+            checkpoint, an error (exit 2) when it has some but none is valid. `"auto-or-fresh"`: the
+            same, but a fresh start when none is valid. `"none"`, or a checkpoint path. See
+            docs/checkpoints.md, *Failure model*.
+        keep_best: An evaluation key `"<pair set>/<figure>"` (e.g. `"verification/accuracy"`,
+            `"verification/tar/0.0001"`): the checkpoint of the best evaluation so far is kept as
+            `<dir>/best` (hard links, so no extra space while the step is still kept), beside the newest
+            ones. `""` = off. Needs `evaluation.bin_files`.
+        keep_best_mode: `"max"` (higher is better) or `"min"`.
+        async_save: Write checkpoints in the background: training waits only for the copy of the
+            state into host buffers ([checkpoints.md](checkpoints.md#asynchronous-saves)).
     """
 
     _SECTION = "checkpoint"
@@ -55,13 +57,13 @@ class EvaluationConfig(_Section):
     """The ``[evaluation]`` section: 1:1 verification on LFW-style ``.bin`` pair sets.
 
     Attributes:
-        every_steps: Evaluate every this many optimizer steps (0: only at the end). Nothing is
-            evaluated when ``bin_files`` is empty.
-        bin_files: Paths of the ``.bin`` verification sets.
-        batch_size: Images per forward pass during evaluation (per rank).
+        every_steps: Evaluate every N optimizer steps; 0 = only at the end. Non-zero with no
+            `bin_files` is an error.
+        bin_files: LFW-style `.bin` verification sets; empty = no evaluation.
+        batch_size: Images per forward pass (per rank).
         flip_test: Add the embedding of the flipped image.
-        far_targets: False-accept rates at which TAR is reported, each in (0, 1).
-        folds: Cross-validation folds for the accuracy (the LFW protocol uses 10).
+        far_targets: FARs at which TAR is reported, each in (0, 1).
+        folds: Cross-validation folds for the accuracy (10 is the LFW protocol).
     """
 
     _SECTION = "evaluation"
@@ -90,14 +92,19 @@ class EvaluationConfig(_Section):
 class MetricsConfig(_Section):
     """The ``[metrics]`` section: Prometheus exporter, TensorBoard, progress bar.
 
+    **Why port 0 by default:** a fixed port collides when two runs (or two CI jobs, or the ranks of
+    a ``per_rank`` run) share a host, and a failed bind should not kill a training job. An
+    ephemeral port always binds, and the port actually chosen is reported. The GPU recipes, which a
+    Prometheus server scrapes at a known address, set ``port = 9400`` explicitly.
+
     Attributes:
         prometheus: Serve Prometheus metrics over HTTP.
-        host: Interface the exporter binds (the default is local-only).
-        port: Exporter port; 0 lets the OS pick a free one (logged and written to the run
-            directory). With ``per_rank`` and a fixed port, local rank r uses ``port + r``.
-        per_rank: Every rank serves its own metrics; otherwise only global rank 0 does.
-        tensorboard: Write TensorBoard event files under the run directory.
-        progress_bar: Show a progress bar on rank 0.
+        host: Interface to bind; local-only by default.
+        port: `0` lets the OS pick a free port, which is logged and written to the run directory.
+            With `per_rank` and a fixed port, local rank r binds `port + r`.
+        per_rank: Every rank serves its own metrics; otherwise only global rank 0.
+        tensorboard: TensorBoard event files under the run directory.
+        progress_bar: Progress bar on rank 0.
     """
 
     _SECTION = "metrics"
@@ -121,10 +128,10 @@ class ExportConfig(_Section):
     """The ``[export]`` section: ONNX export of the backbone at the end of training.
 
     Attributes:
-        onnx: Export the trained backbone to ONNX.
-        opset: ONNX opset version.
-        dynamic_batch: Make the batch dimension dynamic.
-        output_name: File name, relative to the run directory; must end in ``.onnx``.
+        onnx: Export the trained backbone to ONNX at the end.
+        opset: ONNX opset (>= 11).
+        dynamic_batch: Dynamic batch dimension.
+        output_name: File name in the run directory; must end in `.onnx`.
     """
 
     _SECTION = "export"

@@ -18,16 +18,15 @@ class RunConfig(_Section):
     """The ``[run]`` section: what the run is called, where it writes and how long it lasts.
 
     Attributes:
-        name: Run name; the run directory is ``<output_dir>/<name>``.
-        output_dir: Root of the run directories (relative paths are relative to the working
-            directory).
+        name: Run name; the run directory is `<output_dir>/<name>` (no slashes).
+        output_dir: Root of the run directories.
         seed: Global seed (backbone init, data order, augmentation).
-        epochs: Passes over the training set; ignored when ``max_steps`` is set.
-        max_steps: Optional total number of *optimizer* steps; overrides ``epochs``.
-        log_every: Log (and update metrics) every this many optimizer steps.
-        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
-        max_nonfinite_steps: Stop with an error after this many optimizer steps in a row were
-            skipped for a non-finite loss or gradient (isolated ones are skipped and counted).
+        epochs: Passes over the training set; ignored when `max_steps` is set.
+        max_steps: Total optimizer steps; overrides `epochs`.
+        log_every: Log and update metrics every N optimizer steps.
+        device: One of `"auto"`, `"cpu"`, `"cuda"`. `auto` picks CUDA when available.
+        max_nonfinite_steps: Stop with an error after this many optimizer steps in a row skipped for
+            a non-finite loss or gradient; isolated ones are skipped and counted.
     """
 
     _SECTION = "run"
@@ -65,13 +64,14 @@ class DistributedConfig(_Section):
     """The ``[distributed]`` section: process group and data-parallel engine.
 
     Attributes:
-        backend: ``"auto"`` (nccl on CUDA, else gloo), ``"nccl"`` or ``"gloo"``.
-        timeout_s: Collective timeout in seconds (a hung rank fails the job after this).
-        engine: ``"ddp"`` (torch DistributedDataParallel) or ``"deepspeed"``.
-        zero_stage: DeepSpeed ZeRO stage 0, 1 or 2 (only with ``engine = "deepspeed"``). The
-            Partial FC head is model-parallel and is never sharded by ZeRO.
-        find_unused_parameters: DDP's flag; only needed by backbones with unused branches.
-        bucket_cap_mb: DDP gradient bucket size in MiB.
+        backend: One of `"auto"`, `"nccl"`, `"gloo"`. `auto`: nccl on CUDA, else gloo. `nccl` with
+            `run.device = "cpu"` is an error.
+        timeout_s: Collective timeout in seconds; a hung rank fails the job after this.
+        engine: One of `"ddp"`, `"deepspeed"`. Data-parallel engine for the backbone.
+        zero_stage: One of 0, 1, 2. DeepSpeed ZeRO stage; non-zero needs `engine = "deepspeed"`. The
+            model-parallel head is never sharded by ZeRO.
+        find_unused_parameters: DDP flag for backbones with unused branches.
+        bucket_cap_mb: DDP gradient bucket size (MiB).
     """
 
     _SECTION = "distributed"
