@@ -48,6 +48,28 @@ class DerivedConfig:
     head_weight_decay: float
 
 
+def _epoch(config: TrainConfig, world_size: int, num_samples: int) -> tuple[int, int, int]:
+    """``(global_batch, steps_per_epoch, samples_per_epoch)``; ``drop_last`` drops the incomplete tail.
+
+    Raises:
+        ConfigError: With ``drop_last``, for a dataset smaller than one global batch.
+    """
+    global_batch = config.data.batch_size * world_size
+    if config.data.drop_last:
+        steps_per_epoch = num_samples // global_batch
+        samples_per_epoch = steps_per_epoch * global_batch
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"the dataset ({num_samples} images) is smaller than one global batch ({global_batch} = "
+                f"data.batch_size {config.data.batch_size} x {world_size} ranks); lower data.batch_size "
+                "or set data.drop_last = false"
+            )
+    else:
+        steps_per_epoch = -(-num_samples // global_batch)
+        samples_per_epoch = num_samples
+    return global_batch, steps_per_epoch, samples_per_epoch
+
+
 def derive(config: TrainConfig, world_size: int, num_samples: int, *, cuda_available: bool = False) -> DerivedConfig:
     """Computes the run's :class:`DerivedConfig`.
 
@@ -76,19 +98,7 @@ def derive(config: TrainConfig, world_size: int, num_samples: int, *, cuda_avail
     backend = config.distributed.backend
     if backend == "auto":
         backend = "nccl" if device == "cuda" else "gloo"
-    global_batch = config.data.batch_size * world_size
-    if config.data.drop_last:
-        steps_per_epoch = num_samples // global_batch
-        samples_per_epoch = steps_per_epoch * global_batch
-        if steps_per_epoch == 0:
-            raise ConfigError(
-                f"the dataset ({num_samples} images) is smaller than one global batch ({global_batch} = "
-                f"data.batch_size {config.data.batch_size} x {world_size} ranks); lower data.batch_size "
-                "or set data.drop_last = false"
-            )
-    else:
-        steps_per_epoch = -(-num_samples // global_batch)
-        samples_per_epoch = num_samples
+    global_batch, steps_per_epoch, samples_per_epoch = _epoch(config, world_size, num_samples)
     accum = config.optimizer.grad_accumulation
     if config.run.max_steps is not None:
         total_steps = config.run.max_steps
