@@ -9,7 +9,7 @@ in overrides alike, and so are values of the wrong type (an int is accepted wher
 Where things live:
 
 * ``checking``: :class:`ConfigError` and the type checker every section shares.
-* ``run`` (``[run]``, ``[distributed]``), ``data`` (``[data]``, ``[data.synth]``), ``model``
+* ``run`` (``[run]``, ``[distributed]``), ``input_data`` (``[data]``, ``[data.synth]``), ``model``
   (``[backbone]``, ``[model]``, ``[head]``), ``optimization`` (``[optimizer]``, ``[schedule]``,
   ``[precision]``), ``outputs`` (``[checkpoint]``, ``[evaluation]``, ``[metrics]``, ``[export]``):
   the sections.
@@ -22,7 +22,7 @@ Importing this package has no side effects.
 """
 
 from .checking import FLOATS_ALLOWING_INF, ConfigError, _check
-from .data import DataConfig, SynthDataConfig
+from .input_data import DataConfig, SynthDataConfig
 from .derived import DerivedConfig, derive
 from .loading import (
     DEFAULT_RECIPE,

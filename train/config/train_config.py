@@ -14,7 +14,7 @@ from typing import Any, Union
 from partial_fc.config import PartialFCConfig
 
 from .checking import ConfigError, _hints, _type_name
-from .data import DataConfig
+from .input_data import DataConfig
 from .model import BackboneConfig, HeadSection, ModelConfig, head_config
 from .optimization import OptimizerConfig, PrecisionConfig, ScheduleConfig
 from .outputs import CheckpointConfig, EvaluationConfig, ExportConfig, MetricsConfig
