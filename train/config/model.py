@@ -15,7 +15,8 @@ from typing import Any, Mapping, Optional, Union
 
 from partial_fc.config import PartialFCConfig
 
-from .checking import ConfigError, _check, _hints, _Section
+from .checking import ConfigError, _check, _Section
+
 
 @dataclass(frozen=True)
 class BackboneConfig(_Section):
@@ -202,13 +203,9 @@ def build_head(data: Mapping[str, Any]) -> Union[PartialFCConfig, HeadSection]:
 
     A ``PartialFCConfig`` when the table states ``num_classes``, else a :class:`HeadSection`.
     """
-    hints = _hints(HeadSection)
-    opts = {k: _check(v, hints[k], f"head.{k}") for k, v in data.items()}
-    num_classes = opts.pop("num_classes", None)
-    try:
-        section = HeadSection(**opts)
-    except TypeError as exc:  # an unknown option (the loader checks keys; direct callers may not)
-        raise _head_error(exc) from exc
+    options = dict(data)
+    num_classes = _check(options.pop("num_classes", None), Optional[int], "head.num_classes")
+    section = HeadSection(**options)  # type-checks and validates every other option
     if num_classes is None or num_classes == 0:
         return section
     return head_config(section, num_classes)
