@@ -21,7 +21,7 @@ Where things live:
 Importing this package has no side effects.
 """
 
-from .checking import FLOATS_ALLOWING_INF, ConfigError, _check
+from .checking import FLOATS_ALLOWING_INF, ConfigError
 from .input_data import DataConfig, SynthDataConfig
 from .derived import DerivedConfig, derive
 from .loading import (
