@@ -130,7 +130,7 @@ def add_synth_shared_arguments(parser) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     """Runs ``synth --out DIR ...``; prints the summary as one JSON line. Returns 0, or 2 for bad input."""
-    from .synth import SynthConfig, generate_synthetic_dataset
+    from .synth_faces import SynthConfig, generate_synthetic_dataset
 
     try:
         cfg = SynthConfig(

@@ -79,7 +79,7 @@ def test_synth_explicit_form_writes_the_sizes_given(tmp_path, capsys):
 def test_synth_recipe_form_uses_data_synth_and_reuses_an_identical_dataset(tmp_path, capsys, monkeypatch):
     """The recipe form hands [data.synth] to the generator (stubbed: the real one is tested in
     tests/data), skips an identical dataset and regenerates with --force."""
-    import dali_pipelines.synth as synth
+    import dali_pipelines.synth_faces as synth
 
     calls = []
 
