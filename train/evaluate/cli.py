@@ -39,6 +39,14 @@ class _InputError(ValueError):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds every option of ``pfc eval``, in titled groups, to ``p`` (the ``pfc`` tree's eval
     parser, train/cli/evaluate.py, which also holds the description and examples)."""
+    _add_model_arguments(p)
+    _add_data_arguments(p)
+    opt = p.add_argument_group("evaluation options")
+    _add_ijb_arguments(p.add_argument_group("IJB-B/C 1:1 (--ijb); the defaults are the published recipe, N1 D1 F1"))
+    _add_evaluation_options(opt)
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model (exactly one)")
     ex = src.add_mutually_exclusive_group(required=True)
     ex.add_argument("--checkpoint", help="a run directory, its checkpoints/ root, or a step_* directory")
@@ -46,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--onnx", help="an ONNX backbone (run by onnxruntime on the CPU)")
     src.add_argument("--config", default=None,
                      help="the run's config.toml for the head statistics (default: found above the checkpoint)")
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data (at least one)")
     data.add_argument("--bin", nargs="+", default=[], metavar="FILE|DIR",
                       help="LFW-layout .bin pair sets, or a folder: every *.bin in it, reported in the usual "
@@ -73,12 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--synthetic", metavar="DIR",
                       help="a `pfc synth` dataset: uses its verification.bin, cluster.rec (clustering) and a template "
                            "protocol generated from cluster.rec, and reports results by identity difficulty")
-    opt = p.add_argument_group("evaluation options")
-    opt.add_argument("--out", required=True, help="output directory for report.md, metrics.json and PNGs")
-    opt.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                     help="flip-test fusion: embed image + mirror, sum, normalise (default: on, as in training-time "
-                          "evaluation and the published tables; --no-flip turns it off)")
-    ijb = p.add_argument_group("IJB-B/C 1:1 (--ijb); the defaults are the published recipe, N1 D1 F1")
+
+
+def _add_ijb_arguments(ijb) -> None:
     ijb.add_argument("--ijb-align", action=argparse.BooleanOptionalAction, default=True,
                      help="align each loose crop from its 5 landmarks (off: the images are aligned crops already)")
     ijb.add_argument("--ijb-raw-norm", action=argparse.BooleanOptionalAction, default=True,
@@ -89,6 +97,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="average each medium's images, then sum the media (off: sum the images)")
     ijb.add_argument("--save-scores", action="store_true",
                      help="write ijb_<target>_scores.npy (one float64 per pair, pair-file order) into --out")
+
+
+def _add_evaluation_options(opt) -> None:
+    opt.add_argument("--out", required=True, help="output directory for report.md, metrics.json and PNGs")
+    opt.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                     help="flip-test fusion: embed image + mirror, sum, normalise (default: on, as in training-time "
+                          "evaluation and the published tables; --no-flip turns it off)")
     opt.add_argument("--workers", type=int, default=2, help="image decoding processes (IJB, clustering, MegaFace)")
     opt.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                      help="progress bars on stderr for the long protocols")
