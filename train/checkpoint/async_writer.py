@@ -203,6 +203,8 @@ class AsyncCheckpointWriter:
                 error = _format_exc(e)
             _write_json_atomic(tmp / _REPORT.format(rank), {"files": records, "range": commit["range"], "error": error})
             if error:
+                if rank == 0:  # the other ranks may still write into tmp: remove it only after their reports
+                    self._collect_reports(tmp, world, raise_failed=False)
                 raise CheckpointError(error)
             if rank == 0:
                 reports = self._collect_reports(tmp, world)
@@ -219,8 +221,9 @@ class AsyncCheckpointWriter:
             files.clear()  # the staged copy is released as soon as it is on disk
             pending.written_s = time.perf_counter() - w0
 
-    def _collect_reports(self, tmp: Path, world: int) -> list[dict]:
-        """Rank 0's thread: waits for every rank's report file; raises if one failed or timed out."""
+    def _collect_reports(self, tmp: Path, world: int, raise_failed: bool = True) -> list[dict]:
+        """Rank 0's thread: waits for every rank's report file; raises if it timed out or (``raise_failed``)
+        a rank failed."""
         deadline = time.monotonic() + self.commit_timeout_s
         reports: list[Optional[dict]] = [None] * world
         while True:
@@ -236,7 +239,7 @@ class AsyncCheckpointWriter:
                                       f"{self.commit_timeout_s:.0f} s (crashed, or {self.root} is not shared)")
             time.sleep(0.02)
         failed = [(r, rep["error"]) for r, rep in enumerate(reports) if rep["error"]]
-        if failed:
+        if failed and raise_failed:
             raise CheckpointError("; ".join(f"rank {r}: {e}" for r, e in failed))
         return reports  # type: ignore[return-value]
 
