@@ -43,7 +43,7 @@ from partial_fc.distributed import ParallelContext, all_reduce_no_grad
 
 from .dist_env import init_distributed
 from .engines import build_engine
-from .optim import build_optimizer, clip_grads_, global_grad_norm, lr_factor, param_groups
+from .optimizer_setup import build_optimizer, clip_grads_, global_grad_norm, lr_factor, param_groups
 
 log = logging.getLogger("train.trainer")
 
