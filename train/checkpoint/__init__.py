@@ -25,7 +25,7 @@ Where things live in this package:
                    :func:`load_checkpoint`, what counts as verified good
 ``reshard``        head shards saved on ``N`` ranks loaded on ``M``; optimizer state by name
 ``retention``      ``keep_last`` pruning, the ``best`` checkpoint
-``export``         the backbone alone (:func:`export_backbone_state`, :func:`load_backbone_and_extra`)
+``backbone_state`` the backbone alone (:func:`export_backbone_state`, :func:`load_backbone_and_extra`)
 =================  ===============================================================================
 
 Safety: every file is read with ``torch.load(..., weights_only=True)`` and checked against the
@@ -48,7 +48,7 @@ tests reach private helpers in their own modules (e.g. ``train.checkpoint.reader
 from __future__ import annotations
 
 from .async_writer import AsyncCheckpointWriter, snapshot
-from .export import export_backbone_state, load_backbone_and_extra
+from .backbone_state import export_backbone_state, load_backbone_and_extra
 from .format import (BACKBONE_FILE, FORMAT, FORMAT_VERSION, LATEST, MANIFEST, REPLICATED_FILE, CheckpointError,
                      PathLike, rng_file_name, shard_file_name, step_dir_name)
 from .reader import check_checkpoint, find_latest, list_checkpoints, load_checkpoint, read_manifest
