@@ -170,7 +170,7 @@ class Trainer:
         self.best = _read_best(self.ckpt_root) if cfg.checkpoint.keep_best else None
         self._writer = None
         if cfg.checkpoint.async_save:
-            from .checkpoint_writer import AsyncCheckpointWriter
+            from .checkpoint import AsyncCheckpointWriter
 
             self._writer = AsyncCheckpointWriter(self.ckpt_root, self.head.ctx, cfg.distributed.timeout_s)
         self._last_saved_step: Optional[int] = None
@@ -449,7 +449,7 @@ class Trainer:
             return
         self.best = {"metric": key, "value": value, "step": self.state.step, "source": path.name}
         if self.rank == 0:
-            from .checkpoint_writer import keep_as_best
+            from .checkpoint import keep_as_best
 
             keep_as_best(path, self.ckpt_root, self.best)
             log.info("best %s = %.6g at step %d: kept as %s", key, value, self.state.step, self.ckpt_root / "best")
@@ -958,7 +958,7 @@ class Trainer:
 
 
 def _read_best(ckpt_root: Path) -> Optional[dict]:
-    from .checkpoint_writer import read_best
+    from .checkpoint import read_best
 
     return read_best(ckpt_root)
 
