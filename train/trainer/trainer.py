@@ -243,15 +243,18 @@ class Trainer:
                      cfg.head.method, cfg.head.num_classes)
 
     def _report(self, last: Optional[StepResult], norm: float, lrs: dict, timer, window: list) -> None:
+        """A log step: reads the step's device values (losses, phase times) into one flat dict for the
+        metrics loggers (train/metrics), and logs a line on rank 0."""
+        from ..metrics import step_metrics
+
         ips = window[0] / max(time.perf_counter() - window[1], 1e-9)  # this rank's throughput
         losses = {k: float(v.detach()) for k, v in last.losses.items()} if last is not None else {}
-        self.metrics.update(
-            step=self.state.step, epoch=self.state.epoch, losses=losses, lr=lrs, timings=timer.collect(),
-            images_per_s=ips, grad_norm=norm,
-            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
-            head_stats=self.head.last_stats, skipped_records=int(getattr(self.loader, "skipped", 0)),
-            consecutive_nonfinite=self.state.consecutive_nonfinite,
-        )
+        flat = step_metrics(step=self.state.step, epoch=self.state.epoch, losses=losses, lr=lrs,
+                            timings=timer.collect(), images_per_s=ips, grad_norm=norm,
+                            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+                            head_stats=self.head.last_stats)
+        self.metrics.log(flat, skipped_records=int(getattr(self.loader, "skipped", 0)),
+                         consecutive_nonfinite=self.state.consecutive_nonfinite)
         window[:] = [0, time.perf_counter()]
         if self.rank == 0 and losses:
             log.info("step %d/%d epoch %d loss %.4f (ce %.4f con %.4f ali %.4f) lr %.4g %.0f img/s/rank "
