@@ -4,7 +4,6 @@ hands it to the loggers (Prometheus, TensorBoard, console, ``metrics.jsonl``).""
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from .console import Console
+from .counters import RunCounters
 from .jsonl import JsonlLogger
 from .memory import cuda_allocator_stats, memory_stats
 from .prometheus import PrometheusLogger
@@ -26,9 +26,21 @@ __all__ = ["MetricsHub", "step_metrics"]
 
 def step_metrics(*, step=None, epoch=None, losses=None, lr=None, timings=None, images_per_s=None,
                  grad_norm=None, loss_scale=None, head_stats=None) -> dict[str, float]:
-    """The flat dict of one step from its parts (see :meth:`MetricsHub.update` for the arguments).
+    """The flat dict of one step from its parts. Keys are those of :data:`train.metrics.series.SERIES`;
+    values that are not numbers are left out.
 
-    Keys are those of :data:`train.metrics.series.SERIES`; values that are not numbers are left out.
+    Args:
+        step, epoch: Counters.
+        losses: ``{"loss"|"total": ..., "ce": ..., "con": ..., "ali": ...}`` (floats or one-element
+            tensors; the head's output dict works as is). Pass floats to avoid a device synchronisation.
+        lr: ``{"backbone": ..., "head": ...}``, or one float (group ``"all"``).
+        timings: ``{phase: seconds}`` as from :meth:`StepTimer.collect`; ``"step"`` or ``"total"``
+            gives the step time, otherwise the phases are summed.
+        images_per_s: Throughput of this rank.
+        grad_norm, loss_scale: Floats (non-finite values are exported as they are).
+        head_stats: The head's ``last_stats``; phi_*/margin_* map to ``pfc_head_phi`` /
+            ``pfc_head_margin{stat}``, ``num_sampled_local`` and ``tau`` to their gauges, any other
+            numeric key to ``pfc_head_stat{stat=<key>}``; non-numbers are ignored.
     """
     flat: dict[str, float] = {}
 
@@ -63,27 +75,19 @@ class MetricsHub:
     ``metrics.jsonl`` (rank 0).
 
     Args:
-        rank: Global rank (the ``rank`` label of every series).
-        local_rank: Rank on this node; the endpoint listens on ``port + local_rank`` when
-            ``per_rank`` (and ``port`` is not 0).
-        world_size: Number of ranks (exported as ``pfc_world_size``).
+        rank, world_size: Global rank (the ``rank`` label of every series), number of ranks.
+        local_rank: Rank on this node; the endpoint listens on ``port + local_rank`` when ``per_rank``.
         run_dir: Run directory for the port file, ``tensorboard/`` and ``metrics.jsonl``; created if missing.
-        prometheus: Serve the HTTP endpoint. When off, metrics are still kept in the hub's
-            registry (see :meth:`exposition`), just not served.
-        host: Address to bind; ``"127.0.0.1"`` (default) is reachable only from this machine,
-            ``"0.0.0.0"`` from the network.
+        prometheus: Serve the HTTP endpoint (when off, :meth:`exposition` still has the registry).
+        host: Address to bind; ``"127.0.0.1"`` (default) this machine only, ``"0.0.0.0"`` the network.
         port: Base port; 0 picks a free ephemeral port per rank.
         per_rank: Every rank serves (default); otherwise only rank 0 does, on ``port``.
-        tensorboard: Write TensorBoard scalars on rank 0 (a warning and no-op if the
-            ``tensorboard`` package is missing).
-        progress: Show a tqdm bar on rank 0 (never when stdout is not a TTY).
-        total_steps: Total steps, for the bar's ETA.
-        device: Device whose memory is reported (default: ``cuda:local_rank`` if CUDA is
-            available, else CPU).
+        tensorboard: TensorBoard scalars on rank 0 (a warning and no-op without ``tensorboard``).
+        progress: A tqdm bar on rank 0 (never when stdout is not a TTY).
+        total_steps, initial_step: For the bar's rate and ETA (a resumed run starts at initial_step).
+        device: Device whose memory is reported (default ``cuda:local_rank`` with CUDA, else CPU).
         tensorboard_every: Write TensorBoard scalars every this many ``update`` calls.
-        port_fallback: When the requested port is taken, bind an ephemeral one (warning) instead
-            of raising.
-        initial_step: The step a resumed run starts from (so the bar's rate and ETA are right).
+        port_fallback: Bind an ephemeral port (warning) when ``port`` is taken, instead of raising.
         jsonl: Append each update to ``run_dir/metrics.jsonl`` on rank 0.
     """
 
@@ -104,18 +108,11 @@ class MetricsHub:
         self._lock = threading.Lock()
         self._closed = False
         self._updates = 0
-        self._streak = 0
-        self._skipped_steps = 0
-        self._skipped_since_update = False
-        self._records_total = 0.0
-        self._records_seen: Optional[float] = None
+        self.counters = RunCounters()
         self._last_step: Optional[int] = None
         self.prom = PrometheusLogger(self.rank)
         self.registry = self.prom.registry
-        self.prom.write({"world_size": self.world_size, "step": 0, "train/epoch": 0, "perf/images_per_s": 0,
-                         "time/step_s": 0, "train/grad_norm": 0, "train/loss_scale": 0, "train/skipped_steps": 0,
-                         "train/nonfinite_consecutive": 0, "data/skipped_records": 0,
-                         "head/num_sampled_local": 0, "head/tau": 0, "last_update": 0})
+        self.prom.write({"world_size": self.world_size})
         self.host = host
         if prometheus and (per_rank or self.rank == 0):
             self.prom.serve(host, port + self.local_rank if (per_rank and port) else port, port_fallback, self.run_dir)
@@ -124,19 +121,7 @@ class MetricsHub:
         self._jsonl = JsonlLogger(self.run_dir) if jsonl and lead else None
         self.console = Console(progress and lead, total_steps, initial_step)
 
-    @classmethod
-    def from_config(cls, cfg: Any, rank: int, local_rank: int, world_size: int,
-                    run_dir: Union[str, Path], **overrides: Any) -> "MetricsHub":
-        """Builds a hub from any object or mapping with the constructor's option names.
-
-        Missing options keep their defaults; ``overrides`` win over ``cfg``.
-        """
-        names = ("prometheus", "host", "port", "per_rank", "tensorboard", "progress", "total_steps",
-                 "device", "tensorboard_every", "port_fallback", "initial_step", "jsonl")
-        get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
-        kw = {k: get(k) for k in names if get(k) is not None}
-        kw.update(overrides)
-        return cls(rank, local_rank, world_size, run_dir, **kw)
+    from_config = classmethod(lambda cls, *a, **kw: hub_from_config(cls, *a, **kw))
 
     @property
     def port(self) -> Optional[int]:
@@ -170,21 +155,10 @@ class MetricsHub:
                grad_norm: Any = None, loss_scale: Any = None, head_stats: Optional[Mapping[str, Any]] = None,
                skipped_records: Optional[int] = None, consecutive_nonfinite: Optional[int] = None,
                memory: bool = True) -> None:
-        """Sets the latest values; every argument is optional (see :func:`step_metrics` for the keys).
+        """Sets the latest values; every argument is optional. The arguments are those of
+        :func:`step_metrics`, and:
 
         Args:
-            step, epoch: Counters.
-            losses: ``{"loss"|"total": ..., "ce": ..., "con": ..., "ali": ...}`` (floats or
-                one-element tensors; the head's output dict works as is). Pass floats to avoid a
-                device synchronisation.
-            lr: ``{"backbone": ..., "head": ...}``, or one float (group ``"all"``).
-            timings: ``{phase: seconds}`` as from :meth:`StepTimer.collect`; ``"step"`` or
-                ``"total"`` gives the step time, otherwise the phases are summed.
-            images_per_s: Throughput of this rank.
-            grad_norm, loss_scale: Floats (non-finite values are exported as they are).
-            head_stats: The head's ``last_stats``; phi_*/margin_* map to ``pfc_head_phi`` /
-                ``pfc_head_margin{stat}``, ``num_sampled_local`` and ``tau`` to their gauges,
-                any other numeric key to ``pfc_head_stat{stat=<key>}``; non-numbers are ignored.
             skipped_records: The data layer's cumulative skipped-record count; the counter grows
                 by the difference (a smaller value means the data layer restarted counting).
             consecutive_nonfinite: Set the non-finite streak explicitly. Otherwise it is reset to
@@ -203,16 +177,8 @@ class MetricsHub:
         if self._closed:
             return
         with self._lock:
-            if skipped_records is not None:
-                self._count_records(float(skipped_records))
-            flat["data/skipped_records"] = self._records_total
             total = flat.get("loss/total")
-            if consecutive_nonfinite is not None:
-                self._streak = int(consecutive_nonfinite)
-            elif not self._skipped_since_update and total is not None and math.isfinite(total):
-                self._streak = 0
-            self._skipped_since_update = False
-            flat["train/nonfinite_consecutive"] = self._streak
+            flat.update(self.counters.on_update(skipped_records, consecutive_nonfinite, total))
             if memory:
                 flat.update({f"memory/{k}_bytes": b for k, b in memory_stats(self.device).items()})
                 flat.update({f"memory/{k}": n for k, n in cuda_allocator_stats(self.device).items()})
@@ -228,35 +194,22 @@ class MetricsHub:
         lr = next((v for k, v in flat.items() if k.startswith("lr/")), None)
         self.console.write(self._last_step if "step" in flat else None, total, lr, flat.get("perf/images_per_s"))
 
-    def _count_records(self, total: float) -> None:
-        prev = self._records_seen
-        self._records_total += total if (prev is None or total < prev) else total - prev
-        self._records_seen = total
-
     def inc_skipped_steps(self, n: int = 1) -> None:
         """Counts ``n`` skipped (non-finite) optimizer steps and extends the non-finite streak."""
-        if self._closed:
-            return
-        with self._lock:
-            self._skipped_steps += n
-            self._streak += n
-            self._skipped_since_update = True
-            self.prom.write({"train/skipped_steps": self._skipped_steps, "train/nonfinite_consecutive": self._streak})
+        if not self._closed:
+            with self._lock:
+                self.prom.write(self.counters.skipped_steps(n))
 
     def inc_skipped_records(self, n: int = 1) -> None:
         """Counts ``n`` records skipped by the data layer (alternative to ``skipped_records=``)."""
-        if self._closed or n <= 0:
-            return
-        with self._lock:
-            self._records_total += n
-            if self._records_seen is not None:
-                self._records_seen += n
-            self.prom.write({"data/skipped_records": self._records_total})
+        if not self._closed and n > 0:
+            with self._lock:
+                self.prom.write(self.counters.skipped_records(n))
 
     @property
     def consecutive_nonfinite(self) -> int:
         """The current non-finite streak (what ``pfc_nonfinite_consecutive_steps`` shows)."""
-        return self._streak
+        return self.counters.streak
 
     def record_eval(self, set_name: str, results: Mapping[str, Any], step: Optional[int] = None) -> None:
         """Exports one evaluation set's results.
@@ -321,6 +274,18 @@ class MetricsHub:
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def hub_from_config(cls, cfg: Any, rank: int, local_rank: int, world_size: int, run_dir: Union[str, Path],
+                    **overrides: Any) -> MetricsHub:
+    """``MetricsHub.from_config``: a hub from any object or mapping with the constructor's option
+    names. Missing options keep their defaults; ``overrides`` win over ``cfg``."""
+    names = ("prometheus", "host", "port", "per_rank", "tensorboard", "progress", "total_steps",
+             "device", "tensorboard_every", "port_fallback", "initial_step", "jsonl")
+    get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
+    kw = {k: get(k) for k in names if get(k) is not None}
+    kw.update(overrides)
+    return cls(rank, local_rank, world_size, run_dir, **kw)
 
 
 def _eval_flat(s: str, results: Mapping[str, Any]) -> tuple[dict[str, float], list[str]]:

@@ -44,6 +44,8 @@ class PrometheusLogger:
             else:
                 m = Gauge(s.prom, s.help, labels, registry=self.registry)
             self._metrics[s.prom] = m
+            if not s.labels and s.initial is not None:
+                m.labels(self.rank)  # exported from the start (0), as dashboards expect
         self._counted: dict[tuple, float] = {}
         self.host: Optional[str] = None
         self.port: Optional[int] = None

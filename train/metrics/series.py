@@ -32,6 +32,8 @@ class Series:
         unit: Unit of the value.
         tensorboard: Whether the key is written to TensorBoard.
         fallback: Used only for keys no other series matches.
+        initial: A series without family labels is exported from the start at 0; ``None``: only
+            once a value arrives (the CUDA-only series).
     """
 
     key: str
@@ -41,6 +43,7 @@ class Series:
     unit: str = ""
     tensorboard: bool = True
     fallback: bool = False
+    initial: Optional[float] = 0.0
     labels: tuple[str, ...] = field(init=False)
     pattern: "re.Pattern[str]" = field(init=False, repr=False)
 
@@ -86,9 +89,9 @@ SERIES: tuple[Series, ...] = (
            "rss/peak_rss of the process.", "bytes"),
     Series("memory/cuda_alloc_retries", "pfc_cuda_alloc_retries", G, "CUDA caching allocator: allocations "
            "that failed and were retried after freeing cached blocks (cumulative; torch.cuda.memory_stats "
-           "num_alloc_retries). CUDA only.", "retries"),
+           "num_alloc_retries). CUDA only.", "retries", initial=None),
     Series("memory/cuda_ooms", "pfc_cuda_ooms", G, "CUDA caching allocator: out-of-memory errors raised "
-           "(cumulative; torch.cuda.memory_stats num_ooms). CUDA only.", "errors"),
+           "(cumulative; torch.cuda.memory_stats num_ooms). CUDA only.", "errors", initial=None),
     Series("eval/{set}/accuracy", "pfc_eval_accuracy", G, "Verification accuracy per evaluation set."),
     Series("eval/{set}/tar@far={far}", "pfc_eval_tar", G, "True accept rate at a false accept rate per "
            "evaluation set."),

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..optim import build_optimizer
+from ..optim import build_optimizer, param_groups
 
-__all__ = ["seed_everything", "build_loader", "build_backbone", "build_head_optimizer", "build_scaler",
+__all__ = ["build_model", "seed_everything", "build_loader", "build_backbone", "build_head_optimizer", "build_scaler",
            "build_metrics", "load_pair_sets"]
 
 
@@ -107,3 +107,27 @@ def load_pair_sets(cfg, rank: int) -> list:
     from ..evaluate.runner import load_pair_set
 
     return [load_pair_set(p, image_size=cfg.data.image_size) for p in cfg.evaluation.bin_files]
+
+
+def build_model(cfg, derived, loader, device: torch.device, world: int):
+    """``(engine, head, head_opt, scaler)``: the backbone in its data-parallel engine with its
+    optimizer, the Partial FC head with its optimizer, and the fp16 loss scaler."""
+    from partial_fc import PartialFCHead
+
+    from ..engines import build_engine
+
+    o = cfg.optimizer
+    backbone = build_backbone(cfg, device)
+    backbone_opt = build_optimizer(o.name, param_groups(backbone, o.weight_decay), o.lr, o.momentum, o.betas, o.eps)
+    engine = build_engine(
+        cfg.distributed.engine, backbone, backbone_opt, device=device, world_size=world,
+        precision=cfg.precision.dtype, zero_stage=cfg.distributed.zero_stage,
+        micro_batch=cfg.data.batch_size, grad_accumulation=o.grad_accumulation, grad_clip=o.grad_clip,
+        find_unused_parameters=cfg.distributed.find_unused_parameters,
+        bucket_cap_mb=cfg.distributed.bucket_cap_mb,
+    )
+    head = PartialFCHead(cfg.head, class_counts=getattr(loader, "class_counts", None), device=device)
+    # The head's per-step input checks report through device flags that the optimizer step reads
+    # with the gradient norm (one host read per step; docs/training.md, "Host syncs").
+    head.defer_input_checks = True
+    return engine, head, build_head_optimizer(cfg, derived, head), build_scaler(cfg, device)

@@ -13,7 +13,7 @@ from .state import TrainState
 
 log = logging.getLogger("train.trainer")
 
-__all__ = ["choose_checkpoint", "resume", "init_from"]
+__all__ = ["start", "choose_checkpoint", "resume", "init_from"]
 
 
 def choose_checkpoint(cfg, ckpt_root: Path, head, head_opt, backbone, rank: int) -> Optional[Path]:
@@ -153,3 +153,18 @@ def init_from(source: str, *, cfg, engine, rank: int) -> Path:
     if rank == 0:
         log.info("backbone initialised from %s (weights only: fresh head, optimizers and schedule)", Path(source))
     return Path(source)
+
+
+def start(t) -> None:
+    """Resumes trainer ``t`` from a checkpoint (``checkpoint.resume``) or initialises its backbone
+    (``model.init_from``)."""
+    cfg = t.cfg
+    path = None
+    if cfg.checkpoint.resume != "none":
+        path = choose_checkpoint(cfg, t.ckpt_root, t.head, t.head_opt, t.engine.module, t.rank)
+    if path is not None:
+        t.state = resume(path, cfg=cfg, engine=t.engine, head=t.head, head_opt=t.head_opt, scaler=t.scaler,
+                         world=t.world, samples_per_rank=t.loader.samples_per_rank, rank=t.rank)
+        t.resumed_from = t.saver.last_good = path
+    elif cfg.model.init_from:
+        t.initialized_from = init_from(cfg.model.init_from, cfg=cfg, engine=t.engine, rank=t.rank)

@@ -30,17 +30,14 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from partial_fc import PartialFCHead
 from partial_fc.distributed import ParallelContext
 
 from ..dist_env import init_distributed
-from ..engines import build_engine
-from ..optim import build_optimizer, param_groups
-from . import build
+from . import build, report
 from .evaluation import evaluate_pair_sets, export_backbone
 from .feed import EpochFeed
 from .nonfinite import note_nonfinite
-from .resume import choose_checkpoint, init_from, resume
+from .resume import start
 from .saving import CheckpointSaver
 from .signals import StopRequest
 from .state import TrainState
@@ -85,13 +82,14 @@ class Trainer:
         self.cfg = cfg = cfg.resolve(int(self.loader.num_classes))
         self.derived = derive(cfg, world_size=self.world, num_samples=int(self.loader.num_samples),
                               cuda_available=self.device.type == "cuda")
-        self._build_model()
+        self.engine, self.head, self.head_opt, self.scaler = build.build_model(cfg, self.derived, self.loader,
+                                                                               self.device, self.world)
         self.state = TrainState()
         self.ckpt_root = cfg.checkpoint_dir
         self.saver = CheckpointSaver(cfg, self)
         self.resumed_from: Optional[Path] = None
         self.initialized_from: Optional[Path] = None
-        self._start()
+        start(self)
         # Only now, with the checkpoint (or init_from) accepted: a refused resume leaves the run
         # directory's config.toml/derived.toml as they were (they describe the checkpoints in it).
         if self.rank == 0:
@@ -105,40 +103,6 @@ class Trainer:
         self.steps = StepRunner(self.engine, self.head, self.head_opt, self.scaler, cfg, self.derived, self.ctx,
                                 self.device, self.amp_dtype, self.stop)
         self.norm_stats = NormStats(self.engine.module)
-
-    def _build_model(self) -> None:
-        cfg, o = self.cfg, self.cfg.optimizer
-        backbone = build.build_backbone(cfg, self.device)
-        backbone_opt = build_optimizer(o.name, param_groups(backbone, o.weight_decay), o.lr, o.momentum, o.betas,
-                                       o.eps)
-        self.engine = build_engine(
-            cfg.distributed.engine, backbone, backbone_opt, device=self.device, world_size=self.world,
-            precision=cfg.precision.dtype, zero_stage=cfg.distributed.zero_stage,
-            micro_batch=cfg.data.batch_size, grad_accumulation=o.grad_accumulation, grad_clip=o.grad_clip,
-            find_unused_parameters=cfg.distributed.find_unused_parameters,
-            bucket_cap_mb=cfg.distributed.bucket_cap_mb,
-        )
-        self.head = PartialFCHead(cfg.head, class_counts=getattr(self.loader, "class_counts", None),
-                                  device=self.device)
-        # The head's per-step input checks report through device flags that the optimizer step reads
-        # with the gradient norm (one host read per step; docs/training.md, "Host syncs").
-        self.head.defer_input_checks = True
-        self.head_opt = build.build_head_optimizer(cfg, self.derived, self.head)
-        self.scaler = build.build_scaler(cfg, self.device)
-
-    def _start(self) -> None:
-        """Resumes from a checkpoint (``checkpoint.resume``) or initialises the backbone (``model.init_from``)."""
-        cfg = self.cfg
-        path = None
-        if cfg.checkpoint.resume != "none":
-            path = choose_checkpoint(cfg, self.ckpt_root, self.head, self.head_opt, self.engine.module, self.rank)
-        if path is not None:
-            self.state = resume(path, cfg=cfg, engine=self.engine, head=self.head, head_opt=self.head_opt,
-                                scaler=self.scaler, world=self.world, samples_per_rank=self.loader.samples_per_rank,
-                                rank=self.rank)
-            self.resumed_from = self.saver.last_good = path
-        elif cfg.model.init_from:
-            self.initialized_from = init_from(cfg.model.init_from, cfg=cfg, engine=self.engine, rank=self.rank)
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -197,7 +161,7 @@ class Trainer:
         timer, feed = StepTimer(self.device), EpochFeed(self.loader, self.state, self.device, cfg.data.batch_size)
         self.engine.train(True)
         self.head.train(True)
-        self._log_start()
+        report.log_start(self)
         window = [0, time.perf_counter()]  # images, start of the logging window
         last: Optional[StepResult] = None
         preempted = False
@@ -212,7 +176,7 @@ class Trainer:
             self._after_step(result)
             lrs = self.steps.set_lr(self.state.step)  # the learning rate of the next step
             if self.state.step % cfg.run.log_every == 0 or self.state.step == total:
-                self._report(last, result.grad_norm, lrs, timer, window)
+                report.report_step(self, last, result.grad_norm, lrs, timer, window)
             else:
                 timer.reset()  # drops this step's phase times without reading the device
             if self._due(cfg.checkpoint.every_steps):
@@ -222,7 +186,7 @@ class Trainer:
             preempted = self.stop.agreed()
         self.save()
         self.wait_for_checkpoint()  # complete before evaluating, exporting or exiting (75 after a signal)
-        return self._summary(last, preempted, time.perf_counter() - t_start)
+        return report.summary(self, last, preempted, time.perf_counter() - t_start)
 
     def _after_step(self, result: StepResult) -> None:
         if result.stepped:
@@ -233,58 +197,6 @@ class Trainer:
 
     def _due(self, every: int) -> bool:
         return bool(every) and self.state.step % every == 0 and self.state.step < self.derived.total_steps
-
-    def _log_start(self) -> None:
-        cfg, d = self.cfg, self.derived
-        if self.rank == 0:
-            log.info("training %s: %d optimizer steps (%d micro-steps per epoch), global batch %d, %d rank(s), "
-                     "%s, %s engine, %s, head %s on %d classes", cfg.run.name, d.total_steps, d.steps_per_epoch,
-                     d.global_batch, self.world, self.device, cfg.distributed.engine, cfg.precision.dtype,
-                     cfg.head.method, cfg.head.num_classes)
-
-    def _report(self, last: Optional[StepResult], norm: float, lrs: dict, timer, window: list) -> None:
-        """A log step: reads the step's device values (losses, phase times) into one flat dict for the
-        metrics loggers (train/metrics), and logs a line on rank 0."""
-        from ..metrics import step_metrics
-
-        ips = window[0] / max(time.perf_counter() - window[1], 1e-9)  # this rank's throughput
-        losses = {k: float(v.detach()) for k, v in last.losses.items()} if last is not None else {}
-        flat = step_metrics(step=self.state.step, epoch=self.state.epoch, losses=losses, lr=lrs,
-                            timings=timer.collect(), images_per_s=ips, grad_norm=norm,
-                            loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
-                            head_stats=self.head.last_stats)
-        self.metrics.log(flat, skipped_records=int(getattr(self.loader, "skipped", 0)),
-                         consecutive_nonfinite=self.state.consecutive_nonfinite)
-        window[:] = [0, time.perf_counter()]
-        if self.rank == 0 and losses:
-            log.info("step %d/%d epoch %d loss %.4f (ce %.4f con %.4f ali %.4f) lr %.4g %.0f img/s/rank "
-                     "grad-norm %.3f", self.state.step, self.derived.total_steps, self.state.epoch,
-                     losses["loss"], losses["ce"], losses["con"], losses["ali"], lrs["backbone"], ips, norm)
-
-    def _summary(self, last: Optional[StepResult], preempted: bool, seconds: float) -> dict[str, Any]:
-        s, total = self.state, self.derived.total_steps
-        summary: dict[str, Any] = {"run_dir": str(self.run_dir), "preempted": preempted,
-                                   "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-                                   "train_seconds": round(seconds, 2)}
-        if preempted:
-            if self.rank == 0:
-                log.warning("stopped by %s at step %d/%d; run again to resume from %s",
-                            self.stop.signal_name or "a signal on another rank", s.step, total,
-                            self.last_good_checkpoint or "step 0 (no checkpoint was saved)")
-        else:
-            summary["eval"] = self.evaluate()
-        good = self.last_good_checkpoint
-        summary.update(step=s.step, total_steps=total, skipped_steps=s.skipped_steps, skipped_saves=s.skipped_saves,
-                       checkpoint=str(good) if good else None,
-                       skipped_records=int(getattr(self.loader, "skipped", 0)))
-        if last is not None:
-            summary["final_loss"] = {k: float(v.detach()) for k, v in last.losses.items()}
-        summary["metrics_url"] = self.metrics.url
-        if self.initialized_from is not None:
-            summary["initialized_from"] = str(self.initialized_from)
-        if self.best is not None:
-            summary["best"] = {**self.best, "path": str(self.ckpt_root / "best")}
-        return summary
 
     # ------------------------------------------------------------------------------ checkpoints
     @property
