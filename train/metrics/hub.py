@@ -149,14 +149,11 @@ class MetricsHub:
         return self._jsonl.path if self._jsonl is not None else None
 
     # -- updates -------------------------------------------------------------------------------
-    def update(self, *, step: Optional[int] = None, epoch: Optional[float] = None,
-               losses: Optional[Mapping[str, Any]] = None, lr: Union[Mapping[str, Any], float, None] = None,
-               timings: Optional[Mapping[str, float]] = None, images_per_s: Optional[float] = None,
-               grad_norm: Any = None, loss_scale: Any = None, head_stats: Optional[Mapping[str, Any]] = None,
-               skipped_records: Optional[int] = None, consecutive_nonfinite: Optional[int] = None,
-               memory: bool = True) -> None:
-        """Sets the latest values; every argument is optional. The arguments are those of
-        :func:`step_metrics`, and:
+    def update(self, *, skipped_records: Optional[int] = None, consecutive_nonfinite: Optional[int] = None,
+               memory: bool = True, **parts: Any) -> None:
+        """Sets the latest values; every argument is optional. ``parts`` are the keyword arguments of
+        :func:`step_metrics` (step, epoch, losses, lr, timings, images_per_s, grad_norm, loss_scale,
+        head_stats), and:
 
         Args:
             skipped_records: The data layer's cumulative skipped-record count; the counter grows
@@ -166,9 +163,7 @@ class MetricsHub:
                 :meth:`inc_skipped_steps` call.
             memory: Refresh ``pfc_memory_bytes`` (and, on CUDA, the allocator's retries and OOMs).
         """
-        flat = step_metrics(step=step, epoch=epoch, losses=losses, lr=lr, timings=timings,
-                            images_per_s=images_per_s, grad_norm=grad_norm, loss_scale=loss_scale,
-                            head_stats=head_stats)
+        flat = step_metrics(**parts)
         self.log(flat, skipped_records=skipped_records, consecutive_nonfinite=consecutive_nonfinite, memory=memory)
 
     def log(self, flat: dict[str, float], *, skipped_records: Optional[int] = None,
