@@ -12,7 +12,10 @@ EXTRAS = {
     # deepspeed must be installed with --no-build-isolation after torch (see Makefile).
     "deepspeed": ["deepspeed==0.19.8"],
     "onnx": ["onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2"],
-    "eval": ["scikit-learn==1.9.1", "matplotlib==3.11.2"],
+    # opencv: the face-alignment warp (dali_pipelines.align); scikit-image: the tests' independent
+    # reference for it. opencv 4.13 is the first that accepts numpy >= 2.3.
+    "eval": ["scikit-learn==1.9.1", "matplotlib==3.11.2", "opencv-python-headless==4.13.0.92",
+             "scikit-image==0.26.0"],
     "tensorboard": ["tensorboard==2.21.0"],
     "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "pyyaml==6.0.4"],
 }

@@ -36,6 +36,9 @@ def build_parser(prog: str = "python -m dali_pipelines") -> argparse.ArgumentPar
     p.add_argument("--verify", type=Path, default=None, metavar="DATASET",
                    help="re-read every record header of DATASET (.rec or shard .json) and report; "
                         "nothing is decoded or written")
+    p.add_argument("--landmarks", type=Path, default=None, metavar="FILE",
+                   help="align every image from 5 landmarks before storing it; one line per image: "
+                        "NAME x1 y1 ... x5 y5 [score], NAME relative to ROOT (needs the eval extra: OpenCV)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("synth", help="deterministic synthetic identity dataset")
@@ -86,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 summary = pack_folder(args.root, args.out, size=args.size, quality=args.quality,
                                       workers=args.workers, progress=not args.no_progress,
-                                      layout=args.layout, shards=args.shards)
+                                      layout=args.layout, shards=args.shards, landmarks=args.landmarks)
             except KeyboardInterrupt:
                 print("pack interrupted: finished shards are kept, nothing partial looks complete; "
                       "run the same command again to resume", file=sys.stderr)

@@ -208,15 +208,62 @@ def prepare_image(path: str, data: bytes, size: int, quality: int,
         raise PackError(f"{path}: {type(e).__name__}: {e}") from e
 
 
-def _prepare_file(args: tuple[str, int, int]) -> tuple[str, bytes | None, bool, str]:
-    path, size, quality = args
+class _Align:
+    """The ``transform`` of ``pack --landmarks``: the 5-point alignment of one image (picklable)."""
+
+    def __init__(self, landmarks: tuple[float, ...], size: int) -> None:
+        self.landmarks = landmarks
+        self.size = size
+
+    def __call__(self, rgb: Image.Image, path: str) -> Image.Image:
+        from .align import align_face
+
+        pts = np.asarray(self.landmarks, dtype=np.float64).reshape(5, 2)
+        return Image.fromarray(align_face(np.asarray(rgb), pts, size=self.size))
+
+
+def _prepare_file(args: tuple) -> tuple[str, bytes | None, bool, str]:
+    """``(path, size, quality[, landmarks])`` -> ``(path, jpeg or None, converted, skip reason)``."""
+    path, size, quality = args[:3]
+    landmarks = args[3] if len(args) > 3 else None
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         return path, None, False, f"unreadable: {e}"
-    out, converted, reason = prepare_image(path, data, size, quality)
+    transform = _Align(landmarks, size) if landmarks is not None else None
+    out, converted, reason = prepare_image(path, data, size, quality, transform)
     return path, out, converted, reason
+
+
+def _landmarks_for(ids: list["_Identity"], root: Path, path: str | os.PathLike[str]
+                   ) -> tuple[dict[str, tuple[float, ...]], str]:
+    """``({image path: 10 floats}, sha256 of the file)`` for every image of ``ids``.
+
+    Keys of the landmark file are paths relative to ``root`` with ``/`` separators. Every image
+    must have landmarks: a missing one is an error before any work, never a silently unaligned
+    face.
+    """
+    from .align import read_landmarks
+
+    table = read_landmarks(path)
+    out: dict[str, tuple[float, ...]] = {}
+    missing = []
+    for ident in ids:
+        for f in ident.files:
+            key = Path(os.path.relpath(f, root)).as_posix()
+            pts = table.get(key)
+            if pts is None:
+                missing.append(key)
+            else:
+                out[f] = tuple(float(v) for v in pts.reshape(-1))
+    if missing:
+        raise ValueError(f"pack --landmarks: {len(missing)} image(s) under {root} have no line in {path}, "
+                         f"e.g. {', '.join(missing[:5])}; add them (NAME relative to ROOT, then x1 y1 .. x5 y5) "
+                         "or remove the images")
+    with open(path, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    return out, digest
 
 
 # ----------------------------------------------------------------------------- plan
@@ -307,6 +354,7 @@ class _ShardTask:
     label_base: int
     num_labels: int
     digest: str = ""  # of this shard's identities, labels, files and the options
+    landmarks: dict[str, tuple[float, ...]] | None = None  # pack --landmarks: image path -> 10 floats
 
 
 def _partial(p: str) -> str:
@@ -422,7 +470,8 @@ def _atomic_json(path: str, obj: Any) -> None:
 def _shard_images(task: _ShardTask) -> Iterator[tuple[int, str, bytes | None, bool, str]]:
     for ident in task.identities:
         for f in ident.files:
-            path, data, converted, reason = _prepare_file((f, task.size, task.quality))
+            lm = task.landmarks[f] if task.landmarks is not None else None
+            path, data, converted, reason = _prepare_file((f, task.size, task.quality, lm))
             yield ident.label, path, data, converted, reason
 
 
@@ -461,7 +510,8 @@ def _kept_shard(task: _ShardTask) -> dict[str, Any] | None:
 
 def pack_folder(root: str | os.PathLike[str], rec_path: str | os.PathLike[str], *, size: int = 112,
                 quality: int = 95, workers: int | None = None, progress: bool = True,
-                layout: PackLayout = "auto", shards: int | None = None) -> PackSummary:
+                layout: PackLayout = "auto", shards: int | None = None,
+                landmarks: str | os.PathLike[str] | None = None) -> PackSummary:
     """Packs ``root/<identity>/<images>`` into RecordIO (one file or ``shards`` shards).
 
     Args:
@@ -477,6 +527,9 @@ def pack_folder(root: str | os.PathLike[str], rec_path: str | os.PathLike[str], 
             plain. ``"insightface"`` is refused up front above 2^24 records or
             with shards.
         shards: Number of shards (plain layout, one writer process per shard).
+        landmarks: A 5-point landmark file (``NAME x1 y1 ... x5 y5 [score]``, NAME relative to
+            ``root``): every image is aligned to the ArcFace template at ``size`` before it is
+            stored (``dali_pipelines.align``). Every image needs a line.
 
     Returns:
         A ``PackSummary``.
@@ -526,6 +579,9 @@ def pack_folder(root: str | os.PathLike[str], rec_path: str | os.PathLike[str], 
     names = _shard_names(out, n_shards)
     state_dir = Path(f"{out}.pack")
     options = dict(size=size, quality=quality, layout=layout, shards=n_shards, version=_STATE_VERSION)
+    landmark_table = None
+    if landmarks is not None:
+        landmark_table, options["landmarks_sha256"] = _landmarks_for(ids, root_p, landmarks)
     # The options must match to resume; the input may change (e.g. a bad file removed): each
     # finished shard is kept only if its own identities, labels and files are unchanged.
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
@@ -542,7 +598,9 @@ def pack_folder(root: str | os.PathLike[str], rec_path: str | os.PathLike[str], 
     tasks = []
     for k, (grp, (rec, idx)) in enumerate(zip(groups, names)):
         tasks.append(_ShardTask(k, grp, str(rec), str(idx), str(state_dir / f"shard-{k:05d}.json"), layout,
-                                size, quality, grp[0].label, len(grp), _plan_digest(grp, **options)))
+                                size, quality, grp[0].label, len(grp), _plan_digest(grp, **options),
+                                None if landmark_table is None else
+                                {f: landmark_table[f] for i in grp for f in i.files}))
     done: dict[int, dict[str, Any]] = {}
     for t in tasks:
         kept = _kept_shard(t)
@@ -582,7 +640,8 @@ def pack_folder(root: str | os.PathLike[str], rec_path: str | os.PathLike[str], 
 
 def _pack_one_parallel_decode(t: _ShardTask, workers: int, tick: Callable[[int], None]) -> dict[str, Any]:
     """One shard in this process; a pool decodes/converts images ahead of the writer."""
-    jobs = [(f, t.size, t.quality) for i in t.identities for f in i.files]
+    jobs = [(f, t.size, t.quality, t.landmarks[f] if t.landmarks is not None else None)
+            for i in t.identities for f in i.files]
     label_of = [i.label for i in t.identities for _ in i.files]
     pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(jobs) > 1 else None
     try:

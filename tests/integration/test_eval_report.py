@@ -12,7 +12,7 @@ from train.evaluate.cli import main as eval_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-TOP_KEYS = {"model", "flip", "verification", "templates", "clustering", "concentration", "concentration_note",
+TOP_KEYS = {"model", "flip", "verification", "templates", "ijb", "ijbb_clustering", "megaface", "clustering", "concentration", "concentration_note",
             "figures", "seconds"}
 
 
@@ -120,11 +120,12 @@ def test_onnx_and_state_dict_give_the_same_metrics(tiny, from_checkpoint):
 
 def test_flip_changes_the_embeddings(tiny, from_checkpoint):
     _, ref = from_checkpoint
+    assert ref["flip"] is True  # the default, as in training-time evaluation and published tables
     out = tiny / "eval_flip"
     assert eval_main(["--checkpoint", str(tiny / "tiny"), "--bin", str(tiny / "synth" / "verification.bin"),
-                      "--flip", "--out", str(out)]) == 0
+                      "--no-flip", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["flip"] is True and m["templates"] is None and m["clustering"] is None
+    assert m["flip"] is False and m["templates"] is None and m["clustering"] is None
     assert m["verification"][0]["pos_mean"] != pytest.approx(ref["verification"][0]["pos_mean"], abs=1e-6)
     assert (out / "hist_verification.png").stat().st_size > 0 and (out / "concentration.png").is_file()
 

@@ -68,9 +68,13 @@ class Embedder:
     image_size: int = 112
     info: dict = field(default_factory=dict)
     checkpoint_dir: Optional[Path] = None
+    input_mean: float = 127.5
+    input_std: float = 127.5
 
-    def embed(self, images: torch.Tensor, batch_size: int = 128, flip: bool = False) -> torch.Tensor:
-        """L2-normalised embeddings of uint8 ``[N, 3, S, S]`` images (``[N, D]`` fp32 on CPU).
+    def embed(self, images: torch.Tensor, batch_size: int = 128, flip: bool = False,
+              normalize: bool = True) -> torch.Tensor:
+        """Embeddings of uint8 ``[N, 3, S, S]`` images (``[N, D]`` fp32 on CPU), L2-normalised
+        unless ``normalize=False``.
 
         With ``flip`` each embedding is the sum of the image's and its mirror image's before
         normalising (flip-test fusion).
@@ -80,12 +84,22 @@ class Embedder:
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ValueError(f"the model takes {self.image_size}x{self.image_size} images, got "
                              f"{images.shape[-2]}x{images.shape[-1]}; pass --image-size to decode at another size")
-        return embed_images(self.forward, images, self.device, batch_size=batch_size, flip=flip)
+        e = embed_images(self.forward, images, self.device, batch_size=batch_size, flip=flip,
+                         mean=self.input_mean, std=self.input_std, normalize=normalize)
+        if e.shape[0] and e.shape[1] != self.embedding_size:
+            # The model is the authority on its own output: report what it produced.
+            log.warning("%s produces %d-d embeddings, not the %d-d it declared", self.source, e.shape[1],
+                        self.embedding_size)
+            self.info["declared_embedding_size"] = self.embedding_size
+            self.embedding_size = int(e.shape[1])
+        return e
 
     def describe(self) -> dict:
         """JSON-ready description of the model."""
         return {"kind": self.kind, "source": self.source, "backbone": self.backbone,
-                "embedding_size": self.embedding_size, "image_size": self.image_size, **self.info}
+                "embedding_size": self.embedding_size, "image_size": self.image_size,
+                "input_normalization": f"(x - {self.input_mean:g}) / {self.input_std:g} on RGB uint8 pixels",
+                **self.info}
 
 
 # ------------------------------------------------------------------------------------ models
@@ -190,7 +204,16 @@ def _from_weights(path: str | Path, device: torch.device) -> Embedder:
                            info=info)
 
 
-def _from_onnx(path: str | Path) -> Embedder:
+def _from_onnx(path: str | Path, input_mean: Optional[float] = None, input_std: Optional[float] = None,
+               image_size: Optional[int] = None) -> Embedder:
+    """An onnxruntime embedder.
+
+    A file written by ``pfc export`` states its input normalisation in its metadata. A file
+    without that metadata (e.g. a model from another project) is refused unless the caller states
+    the normalisation (``input_mean``/``input_std``): evaluating under a guessed normalisation
+    gives plausible-looking but wrong figures. The embedding size is the model's real output
+    size (its output shape, or the output of one probe image), never only what metadata claims.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"ONNX file {p} does not exist")
@@ -207,27 +230,59 @@ def _from_onnx(path: str | Path) -> Embedder:
     shape = inp.shape
     if len(shape) != 4 or shape[1] != 3:
         raise ValueError(f"{p}: input {inp.name!r} has shape {shape}; expected [batch, 3, S, S]")
-    size = shape[2] if isinstance(shape[2], int) else 112
+    fixed = shape[2] if isinstance(shape[2], int) else None
+    if fixed is not None and image_size is not None and image_size != fixed:
+        raise ValueError(f"{p} takes {fixed}x{fixed} inputs; --image-size {image_size} contradicts it")
+    size = fixed or image_size or 112
     from train.export import INPUT_NORMALIZATION
 
     norm = meta.get("input_normalization")
+    stated = input_mean is not None or input_std is not None
+    if norm is None and not stated:
+        raise ValueError(
+            f"{p} carries no 'input_normalization' metadata (it was not written by `pfc export`), so pfc eval "
+            f"cannot know how to feed it. pfc eval's own models take RGB uint8 pixels as (x - 127.5) / 127.5 at "
+            f"{size}x{size}; if this model expects that too (insightface's ArcFace models do), say so with "
+            "--input-mean 127.5 --input-std 127.5, otherwise give its own mean and std "
+            "(and --image-size when its input size is not fixed)")
     if norm is not None and norm != INPUT_NORMALIZATION:
         raise ValueError(f"{p} expects input normalisation {norm!r}; pfc eval feeds {INPUT_NORMALIZATION!r}")
-    out_shape = session.get_outputs()[0].shape
-    dim = int(meta.get("embedding_size", out_shape[-1] if isinstance(out_shape[-1], int) else 0))
+    mean = 127.5 if input_mean is None else float(input_mean)
+    std = 127.5 if input_std is None else float(input_std)
+    if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
+        raise ValueError(f"--input-mean {mean} / --input-std {std}: need finite values and std > 0")
+    if norm is not None and (mean, std) != (127.5, 127.5):
+        raise ValueError(f"{p} states its normalisation {norm!r}; --input-mean {mean:g} --input-std {std:g} "
+                         "contradict it")
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = session.run(None, {inp.name: x.detach().cpu().float().numpy()})[0]
         return torch.from_numpy(np.ascontiguousarray(out))
 
+    out_shape = session.get_outputs()[0].shape
+    if len(out_shape) == 2 and isinstance(out_shape[-1], int):
+        dim = int(out_shape[-1])
+    else:  # a symbolic output size: ask the model
+        probe = forward(torch.zeros(1, 3, size, size))
+        if probe.dim() != 2:
+            raise ValueError(f"{p}: output has shape {tuple(probe.shape)}; expected [batch, D] embeddings")
+        dim = int(probe.shape[1])
+    info = {"provider": "CPUExecutionProvider"}
+    if norm is None:
+        info["input_normalization_source"] = "stated on the command line (the file has no metadata)"
+    declared = meta.get("embedding_size")
+    if declared is not None and declared != str(dim):
+        log.warning("%s declares embedding_size %s in its metadata but outputs %d-d embeddings", p, declared, dim)
+        info["declared_embedding_size"] = declared
     return Embedder(forward=forward, device=torch.device("cpu"), kind="onnx", source=str(p),
                     backbone=meta.get("backbone", "?"), embedding_size=dim, image_size=int(size),
-                    info={"provider": "CPUExecutionProvider"})
+                    info=info, input_mean=mean, input_std=std)
 
 
 def load_embedder(
     *, checkpoint: str | Path | None = None, weights: str | Path | None = None, onnx: str | Path | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", input_mean: Optional[float] = None, input_std: Optional[float] = None,
+    image_size: Optional[int] = None,
 ) -> Embedder:
     """Builds the embedder of exactly one model source.
 
@@ -236,6 +291,9 @@ def load_embedder(
         weights: A ``pfc export`` ``backbone.pt``.
         onnx: An ONNX file (always run on CPU by onnxruntime).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"`` for the torch sources.
+        input_mean, input_std: ONNX only: the input normalisation of a file without our
+            metadata (required for such a file; see :func:`_from_onnx`).
+        image_size: ONNX only: the input side when the file does not fix it.
 
     Raises:
         ValueError: Not exactly one source, an unknown device, or a file that is not what it
@@ -246,7 +304,10 @@ def load_embedder(
     if len(given) != 1:
         raise ValueError(f"give exactly one of checkpoint, weights, onnx (got {given or 'none'})")
     if onnx:
-        return _from_onnx(onnx)
+        return _from_onnx(onnx, input_mean, input_std, image_size)
+    if input_mean is not None or input_std is not None:
+        raise ValueError("--input-mean/--input-std apply to ONNX files without metadata only; checkpoints and "
+                         "`pfc export` weights are fed as in training, (x - 127.5) / 127.5")
     dev = _device(device)
     return _from_checkpoint(checkpoint, dev) if checkpoint else _from_weights(weights, dev)
 

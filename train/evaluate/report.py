@@ -7,6 +7,13 @@
 - ``verification``: one entry per ``.bin`` (accuracy, std, threshold, ``tar_at_far``,
   ``omitted_fars``, genuine/impostor means and the gap, and for the synthetic set ``by_difficulty``);
 - ``templates``: IJB-style 1:1 template verification, or ``null``;
+- ``ijb``: ``{"IJBB"|"IJBC": {...}}`` for ``--ijb``: ``tar_at_far_nearest`` and ``tar_at_far_at_most``
+  map ``"1e-06"`` ... ``"1e-01"`` to a fraction (the two TAR@FAR rules), plus counts, the recipe's
+  ``settings`` and the score statistics; empty when not run;
+- ``ijbb_clustering``: ``{"subtasks": [...], "runs": [...], "config", "alignment"}`` for
+  ``--ijbb-clustering``: one run per (subtask, algorithm) with NMI, pairwise and BCubed F, or ``null``;
+- ``megaface``: challenge 1 for ``--megaface``: ``rank1``, ``tar_at_far`` (``"1e-06"``), the counts
+  and the noise images dropped, or ``null``;
 - ``clustering``: ``{"source", "num_images", "num_identities", "config", "runs": [...]}`` with one
   run per (subset, algorithm), or ``null``; ``by_difficulty`` for the synthetic set;
 - ``concentration``: phi / lambda / margin statistics of a checkpoint's head, or ``null``
@@ -52,6 +59,9 @@ class EvalResults:
     verification: list[PairSetEval] = field(default_factory=list)
     templates: Optional[TemplateResult] = None
     template_source: Optional[dict] = None
+    ijb: dict = field(default_factory=dict)
+    ijbb_clustering: Optional[dict] = None
+    megaface: Optional[Any] = None
     clustering: list[ClusteringRun] = field(default_factory=list)
     clustering_info: Optional[dict] = None
     clustering_by_difficulty: Optional[list[dict]] = None
@@ -118,6 +128,10 @@ def write_report(out_dir: str | Path, results: EvalResults) -> dict:
         figures["hist_templates"] = f.name
         far, tar, _ = roc_curve(t.pair_scores, t.issame)
         curves["templates (1:1)"] = (far, tar)
+    for name, r in results.ijb.items():
+        far, tar, _ = roc_curve(r.pair_scores, r.issame)
+        keep = np.unique(np.linspace(0, len(far) - 1, min(len(far), 20000)).astype(np.int64))  # enough to draw
+        curves[f"{name} (1:1)"] = (far[keep], tar[keep])
     if curves:
         figures["roc"] = plot_roc(curves, out / "roc.png").name
     c = results.concentration
@@ -131,6 +145,10 @@ def write_report(out_dir: str | Path, results: EvalResults) -> dict:
         "verification": [dict(pe.result.to_dict(), **({"by_difficulty": pe.by_difficulty} if pe.by_difficulty else {}))
                          for pe in results.verification],
         "templates": None if t is None else dict(t.to_dict(), **(results.template_source or {})),
+        "ijb": {name: r.to_dict() for name, r in results.ijb.items()},
+        "megaface": None if results.megaface is None else results.megaface.to_dict(),
+        "ijbb_clustering": None if results.ijbb_clustering is None else dict(
+            results.ijbb_clustering, runs=[r.to_dict() for r in results.ijbb_clustering["runs"]]),
         "clustering": None if results.clustering_info is None else dict(
             results.clustering_info, runs=[r.to_dict() for r in results.clustering],
             **({"by_difficulty": results.clustering_by_difficulty} if results.clustering_by_difficulty else {})),
@@ -194,8 +212,46 @@ def _markdown(m: dict, results: EvalResults) -> str:
             md += [f"TAR at FAR {', '.join(t['omitted_fars'])} omitted: {t['num_neg']} impostor pairs.", ""]
         if "hist_templates" in figs:
             md += [f"![template similarities]({figs['hist_templates']})", ""]
+    for name, r in m["ijb"].items():
+        fars = list(r["tar_at_far_nearest"])
+        md += [f"## {name} 1:1 verification", "",
+               f"{r['num_images']} images, {r['num_templates']} templates, {r['num_pairs']} pairs "
+               f"({r['num_pos']} genuine, {r['num_neg']} impostor); recipe {r['settings']['mode']}, alignment "
+               f"{'on' if r['settings']['align'] else 'off'}, media pooling "
+               f"{'on' if r['settings']['media_pooling'] else 'off'}.", "",
+               "| rule | " + " | ".join(f"TAR@FAR={f}" for f in fars) + " |", "|---" * (len(fars) + 1) + "|",
+               "| nearest FAR on the ROC (published tables) | "
+               + " | ".join(_fmt(r["tar_at_far_nearest"][f]) for f in fars) + " |",
+               "| largest TAR with FAR <= target | " + " | ".join(_fmt(r["tar_at_far_at_most"].get(f)) for f in fars)
+               + " |", ""]
+        if r.get("scores_file"):
+            md += [f"Pair scores: `{r['scores_file']}` (pair-file order).", ""]
     if "roc" in figs:
         md += ["## ROC", "", f"![ROC]({figs['roc']})", ""]
+    mf = m["megaface"]
+    if mf is not None:
+        md += ["## MegaFace challenge 1", "",
+               f"{mf['num_probes']} FaceScrub probes of {mf['num_identities']} identities against "
+               f"{mf['num_distractors']} distractors ({mf['num_trials']} rank-1 trials, {mf['num_impostor']} impostor "
+               f"pairs); noise dropped: {mf['noise_dropped'] or 'none'}.", "",
+               "| rank-1 identification | " + " | ".join(f"TAR@FAR={f}" for f in mf["tar_at_far"]) + " |",
+               "|---" * (1 + len(mf["tar_at_far"])) + "|",
+               f"| {_fmt(mf['rank1'])} | " + " | ".join(_fmt(v) for v in mf["tar_at_far"].values()) + " |", ""]
+    ib = m["ijbb_clustering"]
+    if ib is not None:
+        md += ["## IJB-B clustering (official subtasks)", "",
+               f"Faces: {ib['alignment']}; K-means and agglomerative get the subtask's subject count; agglomerative "
+               f"is average linkage on a {ib['config']['knn']}-NN graph (docs/evaluation.md).", "",
+               "| subtask | subjects | faces | algorithm | clusters | NMI | pairwise F (P / R) | BCubed F (P / R) | params |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for r in ib["runs"]:
+            params = ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in r["params"].items()
+                               if k != "subtask")
+            md.append(f"| {r['params']['subtask']} | {r['num_identities']} | {r['num_samples']} | {r['algorithm']} | "
+                      f"{r['num_clusters']} | {_fmt(r['nmi'])} | {_fmt(r['pairwise_f'])} ({_fmt(r['pairwise_precision'], 3)}"
+                      f" / {_fmt(r['pairwise_recall'], 3)}) | {_fmt(r['bcubed_f'])} ({_fmt(r['bcubed_precision'], 3)} / "
+                      f"{_fmt(r['bcubed_recall'], 3)}) | {params} |")
+        md.append("")
     cl = m["clustering"]
     if cl is not None:
         md += ["## Clustering (IJB-B clustering protocol style)", "",

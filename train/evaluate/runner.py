@@ -40,6 +40,9 @@ def load_pair_set(path: str | Path, image_size: int = 112) -> PairSet:
 
     path = Path(path)
     blobs, issame = load_verification_bin(path)
+    if len(blobs) == 0 or len(issame) == 0:
+        raise ValueError(f"{path}: the .bin holds {len(blobs)} images and {len(issame)} pair labels; "
+                         "an empty pair set cannot be evaluated (is the file truncated?)")
     decode = get_decoder("auto")
     arr = np.stack([fit_size(decode(b), image_size) for b in blobs])
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
@@ -50,22 +53,24 @@ def load_pair_set(path: str | Path, image_size: int = 112) -> PairSet:
 def embed_images(
     model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, device: torch.device,
     batch_size: int = 256, flip: bool = False, dtype: torch.dtype = torch.float32,
+    mean: float = 127.5, std: float = 127.5, normalize: bool = True,
 ) -> torch.Tensor:
-    """L2-normalised embeddings of uint8 ``[N, 3, S, S]`` images.
+    """Embeddings of uint8 ``[N, 3, S, S]`` images, fed as ``(x - mean) / std``.
 
-    With ``flip``, the embedding is the sum of the image's and its mirror's before normalising
-    (flip-test fusion).
+    With ``flip``, the embedding is the sum of the image's and its mirror's raw embeddings
+    (flip-test fusion), normalised once when ``normalize``.
 
     Returns:
-        ``[N, D]`` fp32 on CPU.
+        ``[N, D]`` fp32 on CPU: L2-normalised, or the raw (fused) features with
+        ``normalize=False`` (IJB's norm-aware aggregation needs their norms).
     """
     out = []
     for i in range(0, images.shape[0], batch_size):
-        x = images[i : i + batch_size].to(device).float().sub_(127.5).div_(127.5).to(dtype)
+        x = images[i : i + batch_size].to(device).float().sub_(mean).div_(std).to(dtype)
         e = model(x).float()
         if flip:
             e = e + model(torch.flip(x, dims=[3])).float()
-        out.append(F.normalize(e, dim=1).cpu())
+        out.append(F.normalize(e, dim=1).cpu() if normalize else e.cpu())
     return torch.cat(out)
 
 
