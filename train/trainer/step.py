@@ -152,12 +152,15 @@ class StepRunner:
         self.zero_grads()
         self.flags = self.bad_loss = None
 
-    def optimizer_step(self) -> tuple[bool, float, str]:
+    def optimizer_step(self, step: int) -> tuple[bool, float, str]:
         """Unscale, global norm, clip, then step both optimizers or neither.
 
         The step's control values (the norm, a non-finite loss, bad input, a stop request) travel
         in the norm's all-reduce and reach the host in one read: the only device sync of an
         ordinary step (docs/training.md, "Host syncs").
+
+        Args:
+            step: The number of this step (for the message about a bad label).
 
         Returns:
             ``(stepped, norm, why)``; ``why`` says what was non-finite when not stepped.
@@ -177,7 +180,7 @@ class StepRunner:
         verdict = torch.cat([norm.reshape(1).float(), flags]).tolist()  # THE host read of the step
         norm_f, flags_f = verdict[0], verdict[1:]
         self.stop.seen = flags_f[_STOP] > 0
-        why = self._why(norm_f, flags_f)
+        why = self._why(norm_f, flags_f, step)
         finite = math.isfinite(norm_f) and flags_f[_BAD_EMB] == 0 and flags_f[_BAD_LOSS] == 0
         if finite:
             self._clip_and_step(norm)
@@ -189,10 +192,10 @@ class StepRunner:
         self.flags = self.bad_loss = None
         return finite, norm_f, why
 
-    def _why(self, norm: float, flags: list[float]) -> str:
+    def _why(self, norm: float, flags: list[float], step: int) -> str:
         if flags[_BAD_LABEL] > 0:
             raise self.head.input_error() or ValueError(
-                f"a label outside [0, {self.cfg.head.num_classes}) in this step: check the dataset's class "
+                f"a label outside [0, {self.cfg.head.num_classes}) in step {step}: check the dataset's class "
                 "count against head.num_classes")
         if flags[_BAD_EMB] > 0:
             return str(self.head.input_error() or "non-finite embeddings")

@@ -137,7 +137,7 @@ class Trainer:
                 self.steps.drop_step()
                 stepped, norm, why = False, float("nan"), dropped
             else:
-                stepped, norm, why = self.steps.optimizer_step()
+                stepped, norm, why = self.steps.optimizer_step(self.state.step + 1)
         if not stepped:
             self.norm_stats.restore()
         self.state.step += 1
