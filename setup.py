@@ -29,7 +29,7 @@ setup(
     ),
     python_requires=">=3.10",
     packages=find_packages(include=["partial_fc*", "dali_pipelines*", "train*"]),
-    package_data={"train": ["recipes/*.toml"]},
+    package_data={"train": ["recipes/*.toml", "config/docs_template.md"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
@@ -39,6 +39,8 @@ setup(
         # Fast JPEG decode for the fallback loader and the evaluation runner (wheels for
         # manylinux x86_64/aarch64; no system libjpeg needed).
         "simplejpeg==1.9.0",
+        # Writes the resolved config.toml of a run (python 3.11's tomllib only reads).
+        "tomli-w==1.2.0",
     ],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["pfc=train.cli:main"]},

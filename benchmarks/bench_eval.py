@@ -74,7 +74,7 @@ def _make_release(root: Path, n: int, per_template: int, seed: int = 0) -> None:
     from PIL import Image
 
     from dali_pipelines.align import ARCFACE_TEMPLATE_112
-    from dali_pipelines.synth import identity_params, render_face
+    from dali_pipelines.synth_faces import identity_params, render_face
 
     rng = np.random.default_rng(seed)
     (root / "loose_crop").mkdir(parents=True)

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp = None
     rec = args.rec
     if rec is None:
-        from dali_pipelines.synth import SynthConfig, generate_synthetic_dataset
+        from dali_pipelines.synth_faces import SynthConfig, generate_synthetic_dataset
 
         tmp = tempfile.TemporaryDirectory()
         cfg = SynthConfig(train_identities=args.synth_identities, images_per_identity=args.synth_images,

@@ -11,7 +11,7 @@ dense bf16/fp16 tensor-core peaks for known GPUs; none on a CPU unless given).
 
 Data: ``--data-kind dali`` (the default) reads a RecordIO file through DALI, decoding JPEGs on the
 GPU (``--decode mixed``) or the CPU; without ``--data`` the script first writes a synthetic
-dataset (``dali_pipelines.synth``) of ``--synth-identities`` x ``--synth-images``.
+dataset (``dali_pipelines.synth_faces``) of ``--synth-identities`` x ``--synth-images``.
 ``--data-kind synthetic`` feeds random tensors (no decoding): the model's ceiling. On a GPU
 machine, one process per GPU::
 
@@ -71,7 +71,7 @@ def peak_tflops(device_name: str, override: Optional[float]) -> Optional[float]:
 
 
 def _synth(out: Path, identities: int, images: int) -> Path:
-    from dali_pipelines.synth import SynthConfig, generate_synthetic_dataset
+    from dali_pipelines.synth_faces import SynthConfig, generate_synthetic_dataset
 
     rec = out / "train.rec"
     if not rec.exists():

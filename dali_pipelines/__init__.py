@@ -24,7 +24,7 @@ from .recordio import (
     pack_image_record,
     unpack_image_record,
 )
-from .synth import SynthConfig, generate_synthetic_dataset
+from .synth_faces import SynthConfig, generate_synthetic_dataset
 from .verification_bin import (
     UnsafePickleError,
     load_verification_bin,

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(summary.format())
             return 0 if summary.images else 1
         if args.command == "synth":
-            from .synth import SynthConfig, generate_synthetic_dataset
+            from .synth_faces import SynthConfig, generate_synthetic_dataset
 
             cfg = SynthConfig(
                 train_identities=args.identities, images_per_identity=args.images,

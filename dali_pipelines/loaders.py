@@ -99,7 +99,7 @@ def build_train_loader(
     )
     loader: TrainLoader
     if kind == "synthetic":
-        from .synthetic import SyntheticLoader
+        from .random_loader import SyntheticLoader
 
         if num_classes is None:
             raise ValueError("kind='synthetic' needs num_classes")

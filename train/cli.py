@@ -152,8 +152,8 @@ def _print_summary(s: dict) -> None:
 
 # ---------------------------------------------------------------------------------------- data
 def synth_config(cfg) -> "object":
-    """The ``dali_pipelines.synth.SynthConfig`` that ``cfg.data.synth`` describes."""
-    from dali_pipelines.synth import SynthConfig
+    """The ``dali_pipelines.synth_faces.SynthConfig`` that ``cfg.data.synth`` describes."""
+    from dali_pipelines.synth_faces import SynthConfig
 
     s = cfg.data.synth
     return SynthConfig(train_identities=s.identities, images_per_identity=s.images_per_identity,
@@ -169,7 +169,7 @@ def ensure_synthetic_dataset(cfg, *, force: bool = False, progress: bool = True)
     Returns:
         ``{"out_dir", "reused", "seconds", ...}``.
     """
-    from dali_pipelines.synth import generate_synthetic_dataset
+    from dali_pipelines.synth_faces import generate_synthetic_dataset
 
     sc = synth_config(cfg)
     out = Path(cfg.data.synth.out_dir)

@@ -17,7 +17,7 @@ from dali_pipelines import (
     load_verification_bin,
     write_verification_bin,
 )
-from dali_pipelines.synth import (
+from dali_pipelines.synth_faces import (
     SynthConfig,
     generate_synthetic_dataset,
     identity_params,
@@ -76,7 +76,7 @@ def test_difficulty_spread() -> None:
 
 
 def test_synth_images_vary_with_difficulty() -> None:
-    from dali_pipelines.synth import render_face
+    from dali_pipelines.synth_faces import render_face
 
     def spread(diff: float) -> float:
         p = identity_params(0, 5)
@@ -171,7 +171,7 @@ def test_study_options_off_keep_the_old_record() -> None:
 
 
 def test_power_law_sizes_exact_quantiles_and_range() -> None:
-    from dali_pipelines.synth import power_law_sizes
+    from dali_pipelines.synth_faces import power_law_sizes
 
     s = power_law_sizes(1000, 2, 200, 1.0, seed=0)
     assert min(s) == 2 and max(s) == 200
@@ -188,7 +188,7 @@ def test_power_law_sizes_exact_quantiles_and_range() -> None:
 
 
 def test_family_members_share_parameters_but_not_difficulty() -> None:
-    from dali_pipelines.synth import family_of
+    from dali_pipelines.synth_faces import family_of
 
     fam = family_of(0, 100, 10, 4, 1.0)
     assert fam == [100] * 4 + [104] * 4 + [108] * 2
@@ -232,7 +232,7 @@ def test_study_dataset_ground_truth_and_probe(tmp_path: Path) -> None:
 
 def test_look_alikes_are_closer_in_pixels() -> None:
     """Family members' mean faces are closer than unrelated identities' (the test bed's point)."""
-    from dali_pipelines.synth import render_face
+    from dali_pipelines.synth_faces import render_face
 
     def mean_face(seed: int, g: int, family: int) -> np.ndarray:
         p = identity_params(seed, g, (0.0, 0.0), family=family, family_share=0.9)

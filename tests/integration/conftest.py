@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A tiny synthetic identity dataset (32 training identities), made once per test session."""
-    from dali_pipelines.synth import SynthConfig, generate_synthetic_dataset
+    from dali_pipelines.synth_faces import SynthConfig, generate_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth")
     generate_synthetic_dataset(out, SynthConfig(

@@ -19,7 +19,7 @@ TOP_KEYS = {"model", "flip", "verification", "templates", "ijb", "ijbb_clusterin
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 6-step s6 checkpoint (CG margin active from step 0), its exports, and a synthetic dataset."""
-    from dali_pipelines.synth import SynthConfig, generate_synthetic_dataset
+    from dali_pipelines.synth_faces import SynthConfig, generate_synthetic_dataset
     from train.cli import main as pfc
     from train.config import load_config
     from train.trainer import Trainer

@@ -1,7 +1,7 @@
 """Evaluation fixtures in the released formats, generated here (never downloaded).
 
 Loose crops are made the way a detector's output relates to an aligned face: an aligned synthetic
-face (``dali_pipelines.synth.render_face``, whose landmarks are by construction the ArcFace
+face (``dali_pipelines.synth_faces.render_face``, whose landmarks are by construction the ArcFace
 template) is warped into a larger canvas by a known similarity transform, and the template points
 are moved with it. Aligning the loose crop with the moved points must give the face back.
 """
@@ -28,7 +28,7 @@ def aligned_face(gid: int, k: int = 0, seed: int = 0, smooth: float = 1.5) -> np
     while real aligned crops are band-limited by the lens and the detector's upsampling."""
     from skimage.filters import gaussian
 
-    from dali_pipelines.synth import identity_params, render_face
+    from dali_pipelines.synth_faces import identity_params, render_face
 
     face = render_face(identity_params(seed, gid), np.random.default_rng([seed, 7, gid, k]), 112)
     if smooth > 0:

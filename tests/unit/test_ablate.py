@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -108,7 +109,7 @@ def test_run_config_applies_study_user_and_variant_settings_in_order(tmp_path):
     assert cfg.run.max_steps == 40 and cfg.run.seed == 3 and cfg.optimizer.lr == 0.05
     assert cfg.data.train_rec == str(tmp_path / "data" / "train.rec")
     assert cfg.run_dir == tmp_path / "runs" / f"{v.slug}__seed3"
-    head = dict(cfg.head.options)
+    head = dataclasses.asdict(cfg.head)
     assert head["method"] == "s6" and head["tau"] == 0.07 and head["seed"] == 3  # the variant wins
     assert head["margin_warmup_steps"] == 8 and head["sample_rate"] == 1.0
     from train.config import ConfigError

@@ -54,7 +54,8 @@ def test_every_recipe_loads_validates_and_uses_s6(name):
     text = (C.RECIPES_DIR / f"{name}.toml").read_text()
     assert "--set head.method=arcface" in text.split("\n\n")[0]  # the baseline, in the top comment
     baseline = C.load_config(name, ["head.method=arcface"])
-    assert baseline.head.method == "arcface" and not baseline.head.needs_bank
+    assert baseline.head.method == "arcface"
+    assert not baseline.resolve(baseline.head.num_classes or 100).head.needs_bank
     assert dataclasses.replace(baseline, head=cfg.head) == cfg  # nothing else changes
 
 
@@ -172,8 +173,8 @@ def test_head_unknown_and_invalid_keys_use_partialfc_validation(tmp_path):
         C.load_config("cpu_demo", ["head.m_min=0.7", "head.m_max=0.5"])  # pending head
     with pytest.raises(C.ConfigError, match="num_classes and embedding_size must be positive"):
         C.load_config("cpu_demo", ["head.num_classes=-3"])
-    with pytest.raises(C.ConfigError, match="unknown head option 'sample_rat'"):
-        C.PendingHead((("sample_rat", 0.1),))
+    with pytest.raises(TypeError, match="sample_rat"):
+        C.HeadSection(sample_rat=0.1)
 
 
 # ----------------------------------------------------------------------------- types and values
@@ -262,7 +263,7 @@ def test_sections_are_frozen():
         cfg.head.sample_rate = 0.5
     pending = C.load_config("cpu_demo").head
     with pytest.raises(dataclasses.FrozenInstanceError):
-        pending.options = ()
+        pending.embedding_size = 64
     assert isinstance(cfg.evaluation.bin_files, tuple) and hash(cfg) is not None
 
 
@@ -283,10 +284,20 @@ def test_num_classes_resolution_from_dataset():
         resolved.resolve(99)
     with pytest.raises(C.ConfigError, match="positive int"):
         cfg.resolve(0)
-    # a pending head compares by value: the same options however they were given
-    assert C.PendingHead((("s", 32),)) == C.PendingHead((("s", 32.0), ("method", "arcface")))
+    # a head section compares by value: the same options however they were given
+    assert C.HeadSection(s=32) == C.HeadSection(s=32.0, method="arcface")
+    assert C.head_config(cfg.head, 100) == resolved.head  # the explicit conversion resolve() uses
     with pytest.raises(AttributeError):
         cfg.head.not_an_option  # noqa: B018
+    with pytest.raises(C.ConfigError, match="head.num_classes is set"):
+        C.HeadSection(num_classes=5)
+
+
+def test_head_section_mirrors_partialfcconfig():
+    """HeadSection spells out PartialFCConfig's fields: same names, order and defaults."""
+    ours = [(f.name, f.default) for f in dataclasses.fields(C.HeadSection)]
+    theirs = [(f.name, f.default) for f in dataclasses.fields(PartialFCConfig)]
+    assert ours[1:] == theirs[1:] and ours[0] == ("num_classes", None)
 
 
 # ----------------------------------------------------------------------------- derive
@@ -381,6 +392,32 @@ def test_argparse_helpers():
     cfg = C.config_from_args(ns)
     assert cfg.data.batch_size == 64 and cfg.head.method == "arcface" and cfg.run.name == "ms1mv3_r50"
     assert C.config_from_args(parser.parse_args([])) == C.load_config(None)
+
+
+def test_docs_config_md_is_generated():
+    """docs/config.md is the generator's output: regenerate with `python -m train.config.docs > docs/config.md`."""
+    from train.config import docs
+
+    assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == docs.render(), \
+        "docs/config.md is stale: run `python -m train.config.docs > docs/config.md`"
+
+
+def test_docs_generator_needs_a_docstring_entry_per_key():
+    from train.config import docs
+
+    @dataclasses.dataclass(frozen=True)
+    class Undocumented:
+        """The ``[x]`` section.
+
+        Attributes:
+            a: Documented.
+        """
+
+        a: int = 1
+        b: int = 2
+
+    with pytest.raises(ValueError, match="Undocumented.b has no entry"):
+        docs.section_markdown("x", Undocumented)
 
 
 def test_every_key_is_documented():

@@ -12,7 +12,7 @@ from partial_fc.fused import fused_margin_cross_entropy
 from partial_fc.losses import distributed_cross_entropy
 from partial_fc.margins import MarginParams, apply_margin
 from partial_fc.optim import SparseRowAdamW, SparseRowSGD
-from train.optim import build_optimizer, global_grad_norm
+from train.optimizer_setup import build_optimizer, global_grad_norm
 
 C, D = 12, 5
 

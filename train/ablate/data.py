@@ -26,7 +26,7 @@ __all__ = ["ensure_dataset", "decode_rec", "hard_identities", "hard_pair_mask", 
 
 def ensure_dataset(spec: StudySpec, data_dir: Path) -> dict[str, Any]:
     """Generates the study's dataset in ``data_dir`` unless the same one is already there."""
-    from dali_pipelines.synth import generate_synthetic_dataset
+    from dali_pipelines.synth_faces import generate_synthetic_dataset
 
     sc = spec.synth_config()
     want = sc.record()

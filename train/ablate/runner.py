@@ -29,7 +29,12 @@ __all__ = ["run_config", "fingerprint", "finished_result", "train_and_evaluate",
 # Config keys added after the first study, dropped from a run's fingerprint while at their
 # default, so the first study's finished runs stay reusable.
 _LATER_DEFAULTS = {("data", "image_size"): 112, ("head", "phi_count_norm"): "log", ("head", "phi_shuffle"): "none",
-                   ("head", "phi_refresh"): "online"}
+                   ("head", "phi_refresh"): "online", ("checkpoint", "async_save"): True,
+                   ("checkpoint", "keep_best"): "", ("checkpoint", "keep_best_mode"): "max",
+                   ("model", "init_from"): ""}
+# Sections added after the first study; dropped from the fingerprint while all their keys are at
+# their defaults (above), so that its finished runs stay reusable.
+_LATER_SECTIONS = ("model",)
 
 
 # ------------------------------------------------------------------------------------ one run
@@ -49,6 +54,9 @@ def fingerprint(cfg_dict: Mapping[str, Any], spec: StudySpec) -> str:
     for (section, key), default in _LATER_DEFAULTS.items():
         if c.get(section, {}).get(key, default) == default:
             c.get(section, {}).pop(key, None)
+    for section in _LATER_SECTIONS:
+        if c.get(section) == {}:
+            c.pop(section)
     payload = {"config": c, "dataset": spec.synth_config().record(), "protocol": PROTOCOL,
                "fars": list(spec.far_targets)}
     if spec.protocol != PROTOCOL:

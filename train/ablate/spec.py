@@ -131,7 +131,7 @@ class StudySpec:
         image_size: Side of the generated images (and of the training input).
         family_size, family_fraction, family_share, size_distribution, images_min, images_max,
             size_exponent, probe_images_per_identity: The generator's study options
-            (:class:`dali_pipelines.synth.SynthConfig`); with ``size_distribution = "powerlaw"``
+            (:class:`dali_pipelines.synth_faces.SynthConfig`); with ``size_distribution = "powerlaw"``
             ``images_per_identity`` is unused.
         protocol: ``"ablate-v1"`` (the first study's evaluation) or ``"study-v2"`` (all held-out
             pairs, identity groups, probe identification, phi diagnostics; :mod:`train.ablate.protocol_v2`).
@@ -184,8 +184,8 @@ class StudySpec:
             raise ValueError(f"ablate: steps must be >= 1 and batch_size >= 2, got {self.steps}, {self.batch_size}")
 
     def synth_config(self):
-        """The generator's :class:`dali_pipelines.synth.SynthConfig` of this study."""
-        from dali_pipelines.synth import SynthConfig
+        """The generator's :class:`dali_pipelines.synth_faces.SynthConfig` of this study."""
+        from dali_pipelines.synth_faces import SynthConfig
 
         return SynthConfig(
             train_identities=self.identities, images_per_identity=self.images_per_identity,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..optim import build_optimizer, param_groups
+from ..optimizer_setup import build_optimizer, param_groups
 
 __all__ = ["build_model", "seed_everything", "build_loader", "build_backbone", "build_head_optimizer", "build_scaler",
            "build_metrics", "load_pair_sets"]

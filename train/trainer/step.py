@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..optim import clip_grads_, global_grad_norm, lr_factor
+from ..optimizer_setup import clip_grads_, global_grad_norm, lr_factor
 
 __all__ = ["StepRunner", "StepResult", "NormStats"]
 
