@@ -6,7 +6,7 @@ rank's RNG file. ``--backbone r50`` adds what rank 0 also writes (the backbone a
 
 * **sync**: :func:`train.checkpoint.save_checkpoint`, which returns after writing, fsyncing,
   re-reading for sha256, committing and retention: all of it stalls training.
-* **async**: :class:`train.checkpoint_writer.AsyncCheckpointWriter`: the stall is ``save()``
+* **async**: :class:`train.checkpoint.AsyncCheckpointWriter`: the stall is ``save()``
   (the staging copy of the state); the write, fsync, hash-while-writing, commit and retention run
   in a thread (their time is reported as ``background_s``). A training step is emulated during
   the background write (an in-place update of W), to show the staged copy is what gets written.
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
     from partial_fc.distributed import ParallelContext
     from train.checkpoint import save_checkpoint
-    from train.checkpoint_writer import AsyncCheckpointWriter
+    from train.checkpoint import AsyncCheckpointWriter
 
     head, opt, model, bopt, shard = build(args.classes, args.world, args.dim, args.backbone)
     nbytes = state_bytes(head, opt, model, bopt)

@@ -16,7 +16,7 @@ HEAD = dict(num_classes=13, embedding_size=8, method="s6", seed=5)
 
 def _save_two(rank, world_size, root, fail_rank=None):
     from partial_fc.distributed import ParallelContext
-    from train import checkpoint_writer as cw
+    from train.checkpoint import async_writer as cw
     from train.checkpoint import CheckpointError, find_latest
 
     head = PartialFCHead(**HEAD)

@@ -17,8 +17,12 @@ import torch
 from torch import nn
 
 from partial_fc import PartialFCHead
-from train import checkpoint as ck
-from train.checkpoint import CheckpointError, export_backbone_state, find_latest, load_checkpoint, save_checkpoint
+from train.checkpoint import (CheckpointError, check_checkpoint, export_backbone_state, find_latest, load_checkpoint,
+                              save_checkpoint)
+from train.checkpoint import format as ckformat
+from train.checkpoint import reader as ckreader
+from train.checkpoint import retention as ckretention
+from train.checkpoint import writer as ckwriter
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = dict(num_classes=11, embedding_size=8, method="s6", seed=3)
@@ -146,7 +150,7 @@ def test_malicious_pickle_is_rejected(tmp_path):
     # The attacker controls the whole directory, so the manifest agrees with the file: integrity
     # passes and only weights_only stands between the file and code execution.
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"][shard] = {"size": (path / shard).stat().st_size, "sha256": ck._sha256(path / shard)}
+    manifest["files"][shard] = {"size": (path / shard).stat().st_size, "sha256": ckformat._sha256(path / shard)}
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="weights_only"):
         _load(path)
@@ -165,19 +169,19 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests.unit.test_checkpoint import _job, _save
-from train import checkpoint as ck
+from train.checkpoint import writer as ckwriter
 
 root = Path({ckroot!r})
 job = _job()
 _save(root, 1, job)
-orig = ck._save_file
+orig = ckwriter._save_file
 def slow(obj, path):
     rec = orig(obj, path)
     if path.name == "backbone.pt":  # half of the new checkpoint is on disk
         Path({marker!r}).touch()
         time.sleep(60)
     return rec
-ck._save_file = slow
+ckwriter._save_file = slow
 _save(root, 2, _job(steps=2))
 """
 
@@ -222,7 +226,7 @@ def test_retention_counts_only_verified_checkpoints(tmp_path):
     _save(tmp_path, 400, job, keep_last=2)
     _save(tmp_path, 500, job, keep_last=2)
     _flip_a_byte(_save(tmp_path, 558, job, keep_last=None))
-    getattr(ck, "_HASH_VERIFIED", {}).clear()  # as in a new process (a restarted job)
+    ckreader._HASH_VERIFIED.clear()  # as in a new process (a restarted job)
     _save(tmp_path, 600, job, keep_last=2)
     names = sorted(p.name for p in tmp_path.glob("step_*"))
     assert names == ["step_000000500", "step_000000558", "step_000000600"], names
@@ -235,14 +239,14 @@ def test_retention_never_deletes_the_newest_good_checkpoint(tmp_path):
     _save(tmp_path, 1, job, keep_last=1, finite=True)
     bad = _save(tmp_path, 2, job, keep_last=None, finite=False)  # recorded as non-finite
     _flip_a_byte(_save(tmp_path, 3, job, keep_last=None))
-    ck._HASH_VERIFIED.clear()
+    ckreader._HASH_VERIFIED.clear()
     (tmp_path / "step_000000004").mkdir()  # incomplete
-    ck._prune(tmp_path, 1, tmp_path / "step_000000099")
+    ckretention._prune(tmp_path, 1, tmp_path / "step_000000099")
     assert (tmp_path / "step_000000001").is_dir() and bad.is_dir()
     with pytest.warns(UserWarning):
         assert find_latest(tmp_path).name == "step_000000003"  # cheap check: sizes only
     with pytest.raises(CheckpointError, match="non-finite"):
-        ck.check_checkpoint(bad, _job(steps=0)[0])
+        check_checkpoint(bad, _job(steps=0)[0])
 
 
 def test_manifest_records_finite_and_verified_step(tmp_path):
@@ -255,16 +259,16 @@ def test_check_checkpoint_finds_what_load_would_refuse_without_changing_anything
     path = _save(tmp_path, 1, _job(steps=2))
     head, backbone, hopt, _ = _job(steps=0)
     before = {k: v.clone() for k, v in head.state_dict().items()}
-    assert ck.check_checkpoint(path, head, hopt, backbone=backbone)["step"] == 1
+    assert check_checkpoint(path, head, hopt, backbone=backbone)["step"] == 1
     with pytest.raises(CheckpointError, match="embedding_size=8, the head has 4"):
-        ck.check_checkpoint(path, PartialFCHead(**{**HEAD, "embedding_size": 4}))
+        check_checkpoint(path, PartialFCHead(**{**HEAD, "embedding_size": 4}))
     with pytest.raises(CheckpointError, match="different backbone"):
-        ck.check_checkpoint(path, head, backbone=nn.Linear(5, 8))
+        check_checkpoint(path, head, backbone=nn.Linear(5, 8))
     with pytest.raises(CheckpointError, match="Adam"):
-        ck.check_checkpoint(path, head, torch.optim.Adam(head.parameters()))
+        check_checkpoint(path, head, torch.optim.Adam(head.parameters()))
     _flip_a_byte(path)
     with pytest.raises(CheckpointError, match="sha256"):
-        ck.check_checkpoint(path, head)
+        check_checkpoint(path, head)
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
 
 
@@ -298,7 +302,7 @@ def test_full_disk_names_the_file(tmp_path, monkeypatch):
         f = builtins.open(path, mode, *a, **kw)
         return FullDisk(f) if "w" in mode and str(path).endswith(".pt") else f
 
-    monkeypatch.setattr(ck, "open", fake_open, raising=False)
+    monkeypatch.setattr(ckwriter, "open", fake_open, raising=False)
     with pytest.raises(CheckpointError, match=r"no space left on device: .*step_000000002\.tmp-\w+/\S+\.pt"):
         _save(tmp_path, 2, _job())
     monkeypatch.undo()

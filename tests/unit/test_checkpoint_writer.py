@@ -12,7 +12,7 @@ import torch
 
 from partial_fc.distributed import ParallelContext
 from train import checkpoint as ck
-from train import checkpoint_writer as cw
+from train.checkpoint import async_writer as cw
 from train.checkpoint import CheckpointError, find_latest, read_manifest
 
 from .test_checkpoint import _job, _load, _save
@@ -122,10 +122,10 @@ def test_keep_as_best_survives_retention(tmp_path):
         writer.wait()
         if step == 2:
             kept = job[0].weight.detach().clone()
-            cw.keep_as_best(paths[-1], tmp_path, {"metric": "v/accuracy", "value": 0.9, "step": 2})
+            ck.keep_as_best(paths[-1], tmp_path, {"metric": "v/accuracy", "value": 0.9, "step": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "latest", "step_000000003"]
     assert find_latest(tmp_path).name == "step_000000003"  # best is not a step directory
-    assert cw.read_best(tmp_path) == {"metric": "v/accuracy", "value": 0.9, "step": 2}
+    assert ck.read_best(tmp_path) == {"metric": "v/accuracy", "value": 0.9, "step": 2}
     _, (head, *_rest) = _load(tmp_path / "best")
     assert torch.equal(head.weight.detach(), kept)
     assert json.loads((tmp_path / "best" / "manifest.json").read_text())["step"] == 2

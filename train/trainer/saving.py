@@ -36,12 +36,12 @@ class CheckpointSaver:
         self.last_good: Optional[Path] = None
         self.best: Optional[dict] = None
         if cfg.checkpoint.keep_best:
-            from ..checkpoint_writer import read_best
+            from ..checkpoint import read_best
 
             self.best = read_best(self.root)
         self.writer = None
         if cfg.checkpoint.async_save:
-            from ..checkpoint_writer import AsyncCheckpointWriter
+            from ..checkpoint import AsyncCheckpointWriter
 
             self.writer = AsyncCheckpointWriter(self.root, run.head.ctx, cfg.distributed.timeout_s)
         self._last_saved: tuple[Optional[int], Optional[Path]] = (None, None)
@@ -144,7 +144,7 @@ class CheckpointSaver:
             return
         self.best = {"metric": key, "value": value, "step": state.step, "source": path.name}
         if r.rank == 0:
-            from ..checkpoint_writer import keep_as_best
+            from ..checkpoint import keep_as_best
 
             keep_as_best(path, self.root, self.best)
             log.info("best %s = %.6g at step %d: kept as %s", key, value, state.step, self.root / "best")

@@ -1,7 +1,7 @@
 """Asynchronous checkpoints: training waits for a copy of the state, a thread writes it.
 
 :class:`AsyncCheckpointWriter` saves the same checkpoint as :func:`train.checkpoint.save_checkpoint`
-(same files, same manifest, same commit protocol; docs/checkpoints.md), split in two:
+(same files, same manifest, same commit protocol: ``writer.py``; docs/checkpoints.md), split in two:
 
 * **Staging, in the training thread** (the only stall): the temporary directory's name is agreed
   (one small all-gather), then every tensor of the state is copied into host memory that training
@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import threading
 import time
@@ -43,36 +42,18 @@ from torch import nn
 
 from partial_fc.distributed import ParallelContext
 
-from .checkpoint import (
-    REPLICATED_FILE,
-    BACKBONE_FILE,
-    CheckpointError,
-    _TMP_MARK,
-    _all_gather_json,
-    _check_safe,
-    _commit_dir,
-    _format_exc,
-    _fsync_dir,
-    _name_disk_full,
-    _raise_if_any_failed,
-    _replicated_payload,
-    _rng_state,
-    _shard_payload,
-    _split_head_state,
-    _to_cpu,
-    _unwrap,
-    _write_text_atomic,
-    read_manifest,
-    shard_file_name,
-    step_dir_name,
-)
+from .collectives import _raise_if_any_failed
+from .durable import _fsync_dir, _name_disk_full, _write_json_atomic
+from .format import (BACKBONE_FILE, REPLICATED_FILE, CheckpointError, _check_safe, _format_exc, rng_file_name,
+                     shard_file_name, step_dir_name)
+from .rng import _rng_state
+from .state import _backbone_payload, _replicated_payload, _shard_payload, _split_head_state
+from .writer import _commit_dir, _make_tmp_dir
 
-__all__ = ["AsyncCheckpointWriter", "keep_as_best", "BEST", "snapshot"]
+__all__ = ["AsyncCheckpointWriter", "snapshot"]
 
 log = logging.getLogger(__name__)
 
-BEST = "best"
-BEST_RECORD = "best.json"
 _REPORT = "report_rank{}.json"
 
 
@@ -128,18 +109,33 @@ def _write_file(obj: Any, path: Path) -> dict:
     return {"size": size, "sha256": hf.h.hexdigest()}
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _stage(head: nn.Module, head_optimizer, backbone_state: dict) -> dict[str, Any]:
+    """Host copies of every file's content for this rank: ``{file name: object}`` (the stall).
+
+    Args:
+        backbone_state: ``backbone``, ``backbone_optimizer``, ``scaler``, ``extra_state``.
+    """
+    ctx: ParallelContext = head.ctx
+    start, end = head.class_start, head.class_start + head.num_local_classes
+    sharded, replicated = _split_head_state(head)
+    files: dict[str, Any] = {shard_file_name(start, end): snapshot(_shard_payload(head, head_optimizer, sharded)),
+                             rng_file_name(ctx.rank): snapshot(_rng_state())}
+    if ctx.rank == 0:
+        rep = snapshot(_replicated_payload(head, head_optimizer, replicated, sharded))
+        _check_safe(rep, "head replicated state")
+        files[REPLICATED_FILE] = rep
+        bb = _backbone_payload(lr_scheduler=None, copy=snapshot, **backbone_state)
+        _check_safe(bb, "backbone state")
+        files[BACKBONE_FILE] = bb
+    return files
 
 
 class _Pending:
-    def __init__(self, step: int, final: Path, thread: threading.Thread) -> None:
-        self.step, self.final, self.thread = step, final, thread
+    """One save in progress: its step, final directory, thread, outcome and timings."""
+
+    def __init__(self, step: int, final: Path) -> None:
+        self.step, self.final = step, final
+        self.thread: Optional[threading.Thread] = None
         self.error: Optional[str] = None
         self.staged_s = 0.0
         self.written_s = 0.0
@@ -174,83 +170,60 @@ class AsyncCheckpointWriter:
         still in progress is completed first.
         """
         self.wait()
-        ctx = self.ctx
         t0 = time.perf_counter()
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
         extra_state = dict(extra_state or {})
         _check_safe(extra_state, "extra_state")
         final = self.root / step_dir_name(step)
-        nonce = secrets.token_hex(6) if ctx.rank == 0 else None
-        err = None
-        if ctx.rank == 0:
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                (self.root / f"{final.name}{_TMP_MARK}{nonce}").mkdir()
-            except OSError as e:
-                err = _format_exc(e)
-        nonces = _all_gather_json({"nonce": nonce, "error": err}, ctx)
-        if nonces[0]["error"]:
-            raise CheckpointError(f"cannot create a checkpoint directory in {self.root}: {nonces[0]['error']}")
-        nonce = nonces[0]["nonce"]
-        tmp = self.root / f"{final.name}{_TMP_MARK}{nonce}"
-
+        tmp, nonce = _make_tmp_dir(self.root, final, self.ctx)
         # Staging: every tensor copied out of the training's reach (the stall of a save).
-        start, end = head.class_start, head.class_start + head.num_local_classes
-        sharded, replicated = _split_head_state(head)
-        files: dict[str, Any] = {shard_file_name(start, end): snapshot(_shard_payload(head, head_optimizer, sharded)),
-                                 f"rng_rank{ctx.rank}.pt": snapshot(_rng_state())}
-        if ctx.rank == 0:
-            rep = snapshot(_replicated_payload(head, head_optimizer, replicated, sharded))
-            _check_safe(rep, "head replicated state")
-            files[REPLICATED_FILE] = rep
-            bopt = backbone_optimizer
-            bb = {
-                "model": None if backbone is None else snapshot(_unwrap(backbone).state_dict()),
-                "optimizer": None if bopt is None else snapshot(bopt if isinstance(bopt, dict) else bopt.state_dict()),
-                "lr_scheduler": None,
-                "scaler": None if scaler is None else snapshot(scaler.state_dict()),
-                "extra": _to_cpu(extra_state),
-            }
-            _check_safe(bb, "backbone state")
-            files[BACKBONE_FILE] = bb
-        head_config, world, rank = head.config, ctx.world_size, ctx.rank
-        pending = _Pending(step, final, None)  # type: ignore[arg-type]
-
-        def work() -> None:
-            w0 = time.perf_counter()
-            try:
-                records, error = {}, None
-                try:
-                    for name, obj in files.items():
-                        records[name] = _write_file(obj, tmp / name)
-                except Exception as e:  # noqa: BLE001 - published to rank 0 and to every rank at wait()
-                    error = _format_exc(e)
-                _write_json_atomic(tmp / _REPORT.format(rank), {"files": records, "range": [start, end], "error": error})
-                if error:
-                    raise CheckpointError(error)
-                if rank == 0:
-                    reports = self._collect_reports(tmp, world)
-                    for r in range(world):
-                        (tmp / _REPORT.format(r)).unlink()
-                    _fsync_dir(tmp)
-                    _commit_dir(self.root, tmp, final, step, head_config, world, reports, keep_last, nonce, finite)
-            except Exception as e:  # noqa: BLE001
-                pending.error = _format_exc(e)
-                if rank == 0:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            finally:
-                files.clear()  # the staged copy is released as soon as it is on disk
-                pending.written_s = time.perf_counter() - w0
-
-        thread = threading.Thread(target=work, name=f"checkpoint-{step}", daemon=True)
-        pending.thread = thread
+        files = _stage(head, head_optimizer, dict(backbone=backbone, backbone_optimizer=backbone_optimizer,
+                                                  scaler=scaler, extra_state=extra_state))
+        pending = _Pending(step, final)
+        commit = dict(step=step, head_config=head.config, keep_last=keep_last, nonce=nonce, finite=finite,
+                      range=[head.class_start, head.class_start + head.num_local_classes])
+        pending.thread = threading.Thread(target=self._write, args=(pending, files, tmp, commit),
+                                          name=f"checkpoint-{step}", daemon=True)
         pending.staged_s = self.last_stall_s = time.perf_counter() - t0
         self.pending = pending
-        thread.start()
+        pending.thread.start()
         return final
 
-    def _collect_reports(self, tmp: Path, world: int) -> list[dict]:
+    def _write(self, pending: _Pending, files: dict, tmp: Path, commit: dict) -> None:
+        """The background thread: writes this rank's files, publishes its report; rank 0 commits."""
+        w0 = time.perf_counter()
+        rank, world = self.ctx.rank, self.ctx.world_size
+        try:
+            records, error = {}, None
+            try:
+                for name, obj in files.items():
+                    records[name] = _write_file(obj, tmp / name)
+            except Exception as e:  # noqa: BLE001 - published to rank 0 and to every rank at wait()
+                error = _format_exc(e)
+            _write_json_atomic(tmp / _REPORT.format(rank), {"files": records, "range": commit["range"], "error": error})
+            if error:
+                if rank == 0:  # the other ranks may still write into tmp: remove it only after their reports
+                    self._collect_reports(tmp, world, raise_failed=False)
+                raise CheckpointError(error)
+            if rank == 0:
+                reports = self._collect_reports(tmp, world)
+                for r in range(world):
+                    (tmp / _REPORT.format(r)).unlink()
+                _fsync_dir(tmp)
+                _commit_dir(self.root, tmp, pending.final, commit["step"], commit["head_config"], world, reports,
+                            commit["keep_last"], commit["nonce"], commit["finite"])
+        except Exception as e:  # noqa: BLE001
+            pending.error = _format_exc(e)
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            files.clear()  # the staged copy is released as soon as it is on disk
+            pending.written_s = time.perf_counter() - w0
+
+    def _collect_reports(self, tmp: Path, world: int, raise_failed: bool = True) -> list[dict]:
+        """Rank 0's thread: waits for every rank's report file; raises if it timed out or (``raise_failed``)
+        a rank failed."""
         deadline = time.monotonic() + self.commit_timeout_s
         reports: list[Optional[dict]] = [None] * world
         while True:
@@ -266,7 +239,7 @@ class AsyncCheckpointWriter:
                                       f"{self.commit_timeout_s:.0f} s (crashed, or {self.root} is not shared)")
             time.sleep(0.02)
         failed = [(r, rep["error"]) for r, rep in enumerate(reports) if rep["error"]]
-        if failed:
+        if failed and raise_failed:
             raise CheckpointError("; ".join(f"rank {r}: {e}" for r, e in failed))
         return reports  # type: ignore[return-value]
 
@@ -293,44 +266,3 @@ class AsyncCheckpointWriter:
         elif p.error:
             log.error("checkpoint %s was not completed: %s", p.final, p.error)
         return p.final
-
-
-def keep_as_best(path: Path, ckpt_root: Path, record: dict) -> Path:
-    """Makes the committed checkpoint ``path`` the run's best: ``<ckpt_root>/best`` (rank 0 only).
-
-    The files are hard-linked (copied where the file system has no hard links), so ``best`` costs
-    no space while ``path`` itself is kept, and survives when retention deletes ``path``. The swap
-    is atomic (the old ``best`` is renamed aside, the new one renamed into place, then the old one
-    deleted); ``best/best.json`` records the figure, its value and the step.
-    """
-    read_manifest(path)  # a committed checkpoint only
-    root = Path(ckpt_root)
-    tmp = root / f"{BEST}{_TMP_MARK}{secrets.token_hex(4)}"
-    tmp.mkdir()
-    for f in path.iterdir():
-        if f.is_file():
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
-    _write_text_atomic(tmp / BEST_RECORD, json.dumps(record, indent=1) + "\n")
-    _fsync_dir(tmp)
-    best = root / BEST
-    aside = None
-    if best.exists():
-        aside = root / f"{BEST}.replaced-{secrets.token_hex(4)}"
-        os.replace(best, aside)
-    os.replace(tmp, best)
-    _fsync_dir(root)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
-    return best
-
-
-def read_best(ckpt_root: Path) -> Optional[dict]:
-    """The record of ``<ckpt_root>/best`` (``None`` when there is none or it is unreadable)."""
-    try:
-        rec = json.loads((Path(ckpt_root) / BEST / BEST_RECORD).read_text())
-        return rec if isinstance(rec, dict) and "value" in rec else None
-    except (OSError, ValueError):
-        return None
