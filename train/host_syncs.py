@@ -48,7 +48,7 @@ class HostSync:
 
 
 STEP_HOST_SYNCS: tuple[HostSync, ...] = (
-    HostSync("train/trainer.py", "_optimizer_step", 1, "optimizer step",
+    HostSync("train/trainer/step.py", "optimizer_step", 1, "optimizer step",
              "the step's verdict: global gradient norm, non-finite loss, bad labels or embeddings and "
              "the stop request, all-reduced together and read once to decide step / skip / stop"),
     HostSync("partial_fc/sharding.py", "sample_classes", 1, "sampling call (sample_rate < 1)",

@@ -45,7 +45,7 @@ def count_step_reads(trainer: Trainer, steps=(2, 3)) -> collections.Counter:
 def _check(counts: collections.Counter, steps: int) -> None:
     problems = check_counts(counts, steps)
     assert not problems, "\n".join(problems)
-    assert counts[("train/trainer.py", "_optimizer_step")] == steps  # exactly one verdict per step
+    assert counts[("train/trainer/step.py", "optimizer_step")] == steps  # exactly one verdict per step
 
 
 @pytest.mark.parametrize("extra", [
