@@ -152,9 +152,13 @@ def test_resume_on_another_world_size(data_dir, tmp_path, nproc):
     assert any("resumed from" in ln and "step 8" in ln for ln in logs)
     losses = _losses(run_dir)
     assert sorted(losses) == [9, 10, 11, 12] and all(math.isfinite(v) for v in losses.values())
-    # The resumed first loss is close to where the 2-rank run was (same weights, other batches).
-    before = _losses(tmp_path / "two")[8]
-    assert abs(losses[9] - before) < 0.25 * before
+    # The resumed losses are close to where the 2-rank run was (same weights, other batches). Means
+    # over 4 steps: one 16-image batch alone varies by +-20% here (the exact resharding of W, bank
+    # and optimizer rows is checked value for value in tests/distributed/test_checkpoint.py).
+    two = _losses(tmp_path / "two")
+    before = sum(two[s] for s in (5, 6, 7, 8)) / 4
+    after = sum(losses[s] for s in (9, 10, 11, 12)) / 4
+    assert abs(after - before) < 0.2 * before, (two, losses)
     s = util.summary(run_dir)
     assert s["step"] == 12
     # Its own checkpoint is a valid 1- or 3-shard checkpoint of the same classes.
