@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -70,13 +70,6 @@ class DeepSpeedEngine(Engine):
 
     def train(self, mode: bool = True) -> None:
         self.ds.train(mode)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
     @property
     def checkpoint_optimizer(self):
