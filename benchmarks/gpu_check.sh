@@ -11,8 +11,10 @@
 # step's JSON and log under DIR/steps/. Every step runs in its own process with a time limit, and
 # the whole script stays under 8 minutes (GPU_CHECK_BUDGET_S, default 470 s): a step that would
 # start with too little time left is recorded as not run. --dry-run runs every step at toy size on
-# the CPU (tests/unit/test_gpu_check.py), to know the script works before a GPU is at hand.
-# Exit status: 0 when every step passed (or only reports figures), 1 otherwise.
+# the CPU (tests/integration/test_gpu_check.py), to know the script works before a GPU is at hand.
+# The interpreter is $PYTHON, else python3 from PATH; it must import torch.
+# Exit status: 0 when every step passed (or only reports figures), 1 otherwise, 2 bad arguments or
+# no torch.
 set -u
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -31,7 +33,12 @@ mkdir -p "$out/steps" || exit 2
 out="$(cd "$out" && pwd)"
 cd "$root" || exit 2
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-python="${PYTHON:-python}"
+# The interpreter with torch: $PYTHON, else python3 (a bare GPU machine may have no `python`).
+python="${PYTHON:-$(command -v python3 || command -v python)}"
+if ! "$python" -c "import torch" 2>/dev/null; then
+  echo "gpu_check.sh: $python cannot import torch; set PYTHON=/path/to/python" >&2
+  exit 2
+fi
 budget="${GPU_CHECK_BUDGET_S:-470}"
 started="$(date +%s)"
 

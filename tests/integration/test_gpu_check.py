@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,10 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path):
     out = tmp_path / "gc"
+    # This interpreter: CI runs the suite from .venv without putting it on PATH.
+    env = dict(os.environ, PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=280)
+                          cwd=ROOT, capture_output=True, text=True, timeout=280, env=env)
     summary = json.loads((out / "gpu_check.json").read_text())
     assert proc.returncode == 0, (proc.stdout[-3000:], {k: s.get("log_tail") for k, s in summary["steps"].items()})
     assert summary["dry_run"] and summary["overall"] == "pass"
@@ -41,3 +45,10 @@ def test_gpu_check_rejects_unknown_arguments(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--bogus"], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "unknown argument --bogus" in proc.stderr
+
+
+def test_gpu_check_names_an_interpreter_without_torch(tmp_path):
+    env = dict(os.environ, PYTHON="/bin/false")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 2 and "/bin/false cannot import torch; set PYTHON=" in proc.stderr
