@@ -21,6 +21,13 @@ from typing import Mapping
 __all__ = ["JsonlLogger", "FILENAME"]
 
 FILENAME = "metrics.jsonl"
+_COUNTERS = ("step", "train/epoch")  # whole numbers: written as JSON integers, not 20.0
+
+
+def _counter(key: str, value):
+    if key in _COUNTERS and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 class JsonlLogger:
@@ -33,7 +40,8 @@ class JsonlLogger:
     def write(self, flat: Mapping[str, float]) -> None:
         if self._f is None:
             return
-        self._f.write(json.dumps({**flat, "time": round(time.time(), 3)}) + "\n")
+        row = {k: _counter(k, v) for k, v in flat.items()}
+        self._f.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
         self._f.flush()
 
     def close(self) -> None:
