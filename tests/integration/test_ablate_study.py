@@ -67,6 +67,10 @@ def test_study_v2_spec_end_to_end_and_resume(tmp_path, capsys):
     assert 'phi_shuffle = "both"' in cfg and 'phi_count_norm = "none"' in cfg and "image_size = 56" in cfg
     study = (out / "study.md").read_text()
     assert "95% bootstrap CI" in study and f"| `{ctl}` |" in study and "rho(phi, log Z)" in study
+    # The per-identity section: the regression over seeds and what the CG margin follows.
+    assert "## Per identity" in study and "per +1 SD log Z" in study
+    reg = res["study"]["identity"]["regression"][ctl]
+    assert reg["log_size"]["n"] == 2 and len(reg["nuisance"]["per_seed"]) == 2
     paired = res["study"]["paired"][ctl]["probe_top1"]
     assert paired["n"] == 2 and paired["boot_lo"] <= paired["mean"] <= paired["boot_hi"]
     capsys.readouterr()

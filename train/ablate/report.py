@@ -183,6 +183,12 @@ def write_report(out: Path, study: Mapping[str, Any], runs: Sequence[Mapping[str
         from .protocol_v2 import study_report
 
         text, numbers = study_report(runs)
+        truth = _truth(study)
+        if truth is not None:
+            from .identity_effects import identity_report
+
+            section, numbers["identity"] = identity_report(runs, truth)
+            text += "\n" + section
         result["study"] = numbers
         atomic_write(out / "study.md", text)
     atomic_write(out / "results.json", json.dumps(result, indent=1, default=float))
@@ -192,6 +198,18 @@ def write_report(out: Path, study: Mapping[str, Any], runs: Sequence[Mapping[str
                   "(seeds where the variant is higher / seeds)\n\n" + format_delta_table(deltas, metric_cols))
     atomic_write(out / "table.md", table)
     return result
+
+
+def _truth(study: Mapping[str, Any]):
+    """The training identities' ground truth of the study's dataset, or ``None`` without one."""
+    from .identity_effects import Truth
+
+    meta = Path(str(study.get("data_dir", ""))) / "identities.json"
+    try:
+        train = json.loads(meta.read_text()).get("train", {})
+        return Truth(train) if "images" in train and "family" in train else None
+    except (OSError, ValueError):
+        return None
 
 
 def machine() -> dict[str, Any]:

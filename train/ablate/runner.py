@@ -238,6 +238,11 @@ def _write_figures(result: dict[str, Any], spec: StudySpec, out: Path) -> None:
         curve = write_curve_figure(result["runs"], out / "curves.png")
         if curve is not None:
             result["curve_figure"] = str(curve)
+        from .forest import write_forest_figure
+
+        forest = write_forest_figure(result.get("study", {}).get("paired", {}), out / "differences.png")
+        if forest is not None:
+            result["differences_figure"] = str(forest)
     atomic_write(out / "results.json", json.dumps(result, indent=1, default=float))
 
 
