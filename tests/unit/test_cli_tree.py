@@ -1,6 +1,7 @@
 """The `pfc` argparse tree (train/cli/): every verb's --help exits 0 and has the shared layout,
 `pfc --help` lists every verb, `pfc synth`'s two forms and the usage error for mixed options."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -99,6 +100,29 @@ def test_synth_recipe_form_uses_data_synth_and_reuses_an_identical_dataset(tmp_p
     assert cfg.train_identities == 7 and workers == 1 and progress is False
     assert main(argv) == 0 and "up to date" in capsys.readouterr().out and len(calls) == 1
     assert main([*argv, "--force"]) == 0 and len(calls) == 2
+
+
+def test_synth_recipe_form_carries_the_study_options(tmp_path, monkeypatch):
+    """Every study option of the generator is a [data.synth] key, handed over unchanged; bad
+    values are config errors naming the key."""
+    import dali_pipelines.synth_faces as synth
+    from train.cli.data import synth_config
+    from train.config import ConfigError, SynthDataConfig, load_config
+
+    assert set(synth._STUDY_FIELDS) <= {f.name for f in dataclasses.fields(SynthDataConfig)}
+    sets = ["data.synth.family_size=4", "data.synth.family_share=0.85", "data.synth.size_distribution=powerlaw",
+            "data.synth.images_min=3", "data.synth.images_max=50", "data.synth.size_exponent=1.5",
+            "data.synth.probe_images_per_identity=2", "data.synth.family_fraction=0.25"]
+    sc = synth_config(load_config("cpu_demo", sets))
+    assert (sc.family_size, sc.family_share, sc.size_distribution, sc.images_min, sc.images_max) == (
+        4, 0.85, "powerlaw", 3, 50)
+    assert (sc.size_exponent, sc.probe_images_per_identity, sc.family_fraction) == (1.5, 2, 0.25)
+    # The defaults give the record of a dataset made before these options existed.
+    assert not set(synth._STUDY_FIELDS) & set(synth_config(load_config("cpu_demo")).record())
+    for bad, key in (("data.synth.size_distribution=zipf", "size_distribution"),
+                     ("data.synth.images_max=1", "images_max"), ("data.synth.family_share=1.5", "family_share")):
+        with pytest.raises(ConfigError, match=f"data.synth.{key}"):
+            load_config("cpu_demo", [bad])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -27,6 +27,20 @@ class SynthDataConfig(_Section):
         out_dir: Output directory.
         image_size: Side of the square images.
         verification_pairs: Pairs in the `.bin` (even: half genuine, half impostor).
+        family_size: Identities per look-alike family block (1 = no families). Family members share
+            most of their generative parameters, so they are hard to tell apart.
+        family_fraction: Probability that a block of `family_size` identities is a family.
+        family_share: Fraction of the generative parameters family members share, in [0, 1].
+        size_distribution: `"fixed"` (`images_per_identity` images each) or `"powerlaw"`
+            (long-tailed class sizes in [`images_min`, `images_max`]).
+        images_min: Smallest power-law class size.
+        images_max: Largest power-law class size.
+        size_exponent: Exponent `a` of p(n) ~ n^-a for the power-law sizes (1 = log-uniform).
+        probe_images_per_identity: Unseen images per training identity in `probe.rec`
+            (closed-set identification of the trained classes; 0 = none).
+
+    The defaults make the same bytes as before these options existed. `data.kind = "synthetic"`
+    (random tensors, no files) uses only `identities` and `images_per_identity`.
     """
 
     _SECTION = "data.synth"
@@ -37,6 +51,14 @@ class SynthDataConfig(_Section):
     out_dir: str = "data/synth"
     image_size: int = 112
     verification_pairs: int = 400
+    family_size: int = 1
+    family_fraction: float = 0.5
+    family_share: float = 0.8
+    size_distribution: str = "fixed"
+    images_min: int = 2
+    images_max: int = 200
+    size_exponent: float = 1.0
+    probe_images_per_identity: int = 0
 
     def _validate(self) -> None:
         self._min("identities", 2)
@@ -49,6 +71,16 @@ class SynthDataConfig(_Section):
         if self.verification_pairs % 2:
             self._fail("verification_pairs", f"must be even (half genuine, half impostor), got "
                                               f"{self.verification_pairs}")
+        self._min("family_size", 1)
+        for key in ("family_fraction", "family_share"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                self._fail(key, f"must be in [0, 1], got {getattr(self, key)}")
+        self._enum("size_distribution", ("fixed", "powerlaw"))
+        self._min("images_min", 1)
+        if self.images_max < self.images_min:
+            self._fail("images_max", f"must be >= images_min ({self.images_min}), got {self.images_max}")
+        self._min("size_exponent", 0)
+        self._min("probe_images_per_identity", 0)
 
     @property
     def train_rec(self) -> str:
