@@ -26,7 +26,7 @@ __all__ = [
 
 #: How phi uses the class size Z: ``"log"`` (PCL: mean distance / log(Z + alpha)) or ``"none"``
 #: (mean distance only).
-COUNT_NORMS = ("log", "none")
+COUNT_NORMS = ("log", "none", "size")
 
 
 class ClusterBank(nn.Module):
@@ -47,7 +47,10 @@ class ClusterBank(nn.Module):
     observed so far. Classes without a distance yet have no phi (NaN); see
     :func:`normalized_concentration` for how they are treated. With ``count_norm="none"``,
     ``phi_y = mean_dist_y`` (no class-size term: a control for whether phi tracks cluster
-    looseness or class size).
+    looseness or class size). With ``count_norm="size"``, ``phi_y = 1 / log(Z_y + alpha)``: the
+    class-size term alone, no distance (a control: a margin that follows only the class size, in
+    the spirit of label-distribution-aware margins). It keeps the NaN pattern of the PCL form
+    (no phi before a distance was observed), so the warm-up behaves the same.
 
     Buffers (all local to the shard, all in ``state_dict``):
         centers: ``[C, D]`` fp32 cluster centers (zero rows until first observed).
@@ -62,7 +65,7 @@ class ClusterBank(nn.Module):
         momentum: ``m_c`` for the centers.
         phi_momentum: ``m_phi`` for the running mean distance.
         alpha: PCL smoothing constant.
-        count_norm: ``"log"`` (PCL) or ``"none"``; see :data:`COUNT_NORMS`.
+        count_norm: ``"log"`` (PCL), ``"none"`` or ``"size"``; see :data:`COUNT_NORMS`.
         class_counts: Optional ``[C]`` dataset counts for this shard.
         device: Device of the buffers.
     """
@@ -174,7 +177,8 @@ class ClusterBank(nn.Module):
             phi = self.mean_dist[sl].clone()
         else:
             z = torch.where(self.class_counts[sl] > 0, self.class_counts[sl], self.counts[sl]).to(self.mean_dist.dtype)
-            phi = self.mean_dist[sl] / torch.log(z + self.alpha)
+            dist = self.mean_dist[sl] if self.count_norm == "log" else torch.ones_like(self.mean_dist[sl])
+            phi = dist / torch.log(z + self.alpha)
         return torch.where(self.dist_obs[sl] > 0, phi, torch.full_like(phi, float("nan")))
 
     def valid(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ TEMPERATURES = ("adaptive", "fixed", "learnable")
 EMBEDDING_GRADS = ("ddp_mean", "exact")
 ROW_UPDATES = ("lazy", "dense")
 DIRECTIONS = ("looser_larger", "looser_smaller")
-PHI_COUNT_NORMS = ("log", "none")
+PHI_COUNT_NORMS = ("log", "none", "size")
 PHI_SHUFFLES = ("none", "margin", "temperature", "both")
 PHI_REFRESHES = ("online", "offline")
 
@@ -90,8 +90,9 @@ class PartialFCConfig:
         bank_momentum: m_c of the Cluster-Center Bank.
         phi_momentum: Momentum of the running mean distance behind phi.
         phi_alpha: PCL smoothing constant alpha.
-        phi_count_norm: ``"log"`` (PCL: phi = mean distance / log(Z + alpha)) or ``"none"``
-            (phi = mean distance; the class size Z plays no part).
+        phi_count_norm: ``"log"`` (PCL: phi = mean distance / log(Z + alpha)), ``"none"``
+            (phi = mean distance; the class size Z plays no part) or ``"size"`` (phi = 1 / log(Z +
+            alpha): the class size alone, no distance; a control).
         phi_shuffle: A control that keeps the distribution of phi and removes its information:
             ``"margin"`` gives CG-ArcFace's margin of class y the phi of class ``perm[y]`` (a
             fixed random permutation of all classes drawn from ``seed``), ``"temperature"`` does

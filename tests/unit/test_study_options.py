@@ -54,6 +54,25 @@ def test_count_norm_none_is_the_mean_distance() -> None:
         ClusterBank(C, D, count_norm="sqrt")
 
 
+@pytest.mark.parametrize("all_known", [True, False])
+def test_count_norm_size_is_the_class_size_term_alone(all_known: bool) -> None:
+    st = bank_state(all_known=all_known)
+    size = ClusterBank(C, D, alpha=10.0, count_norm="size")
+    for k, v in st.items():
+        getattr(size, k).copy_(v)
+    want = 1.0 / torch.log(st["counts"].float() + 10.0)
+    want[st["dist_obs"] == 0] = float("nan")  # the same "no phi yet" as the PCL form
+    torch.testing.assert_close(size.phi(), want, equal_nan=True)
+    # Known dataset counts take the place of the observed ones, as in the PCL form.
+    size.class_counts.copy_(torch.arange(C) + 2)
+    phi = size.phi()
+    ok = st["dist_obs"] > 0
+    torch.testing.assert_close(phi[ok], 1.0 / torch.log(torch.arange(C)[ok].float() + 12.0))
+    # The distance plays no part: a class of any looseness with the same Z has the same phi.
+    size.mean_dist.mul_(3.0)
+    torch.testing.assert_close(size.phi(), phi, equal_nan=True)
+
+
 def test_new_options_are_validated() -> None:
     for key, bad in (("phi_count_norm", "sqrt"), ("phi_shuffle", "yes"), ("phi_refresh", "daily")):
         with pytest.raises(ValueError, match=key):

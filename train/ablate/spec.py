@@ -44,7 +44,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "s1:margin_direction=looser_smaller",   # the reverse direction
         "s1:phi_shuffle=margin",                # same margins, permuted across classes: no information
         "s1:phi_count_norm=none",               # phi without the class-size term
+        "s1:phi_count_norm=size",               # the class-size term alone: a margin from Z only
         "s1:phi_refresh=offline",               # phi from a full pass every epoch (PCL)
+        "s1:phi_refresh=offline:phi_count_norm=none",  # looseness measured by a full pass, no Z
         "s2",                                   # Con, adaptive temperature
         "s2:phi_shuffle=temperature",           # same temperatures, permuted across classes
         "s2:temperature=fixed",                 # one temperature for all classes

@@ -106,8 +106,8 @@ class HeadSection(_Section):
         phi_momentum: Momentum of the running mean distance.
         phi_alpha: Concentration smoothing constant.
         phi_count_norm: `"log"`: phi = mean distance / log(Z + alpha) (PCL); `"none"`: phi = mean
-            distance (no class-size term). A study control; see
-            [method.md](method.md#10-study-controls-ours).
+            distance (no class-size term); `"size"`: phi = 1 / log(Z + alpha) (class size alone,
+            no distance). Study controls; see [method.md](method.md#10-study-controls-ours).
         phi_shuffle: Control: `"margin"`, `"temperature"` or `"both"` give each class the phi of
             another class (a fixed permutation from `head.seed`): same distribution, no information.
             One all-gather of every class's phi per step.
