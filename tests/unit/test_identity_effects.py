@@ -83,3 +83,22 @@ def test_forest_figure(tmp_path) -> None:
     path = write_forest_figure(paired, tmp_path / "d.png")
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert write_forest_figure({}, tmp_path / "e.png") is None and not (tmp_path / "e.png").exists()
+
+
+def test_contrasts_pair_each_control_with_its_parent() -> None:
+    from train.ablate.contrasts import contrast_report, contrasts, parent_of
+
+    assert parent_of("s1:phi_shuffle=margin:x=1") == "s1" and parent_of("s2") == "s2"
+    runs = []
+    for k in range(5):
+        runs += [{"variant": "s1", "seed": k, "metrics": {"tar_1e-3": 0.40 + 0.01 * k}},
+                 {"variant": "s1:phi_shuffle=margin", "seed": k, "metrics": {"tar_1e-3": 0.38 + 0.01 * k + 0.001 * (k % 2)}},
+                 {"variant": "s9:x=1", "seed": k, "metrics": {"tar_1e-3": 0.5}},  # parent not in the study
+                 {"variant": "arcface", "seed": k, "metrics": {"tar_1e-3": 0.3}}]
+    c = contrasts(runs, metrics=("tar_1e-3",))
+    assert set(c) == {"s1:phi_shuffle=margin"}
+    d = c["s1:phi_shuffle=margin"]["tar_1e-3"]
+    assert d["mean"] == pytest.approx(-0.0196) and d["n"] == 5 and d["losses"] == 5 and d["t_hi"] < 0
+    text, numbers = contrast_report(runs)
+    assert "| `s1:phi_shuffle=margin` - `s1` | **-1.96" in text and set(numbers) == {"s1:phi_shuffle=margin"}
+    assert contrast_report([r for r in runs if r["variant"] == "arcface"]) == ("", {})

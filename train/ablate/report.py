@@ -183,6 +183,10 @@ def write_report(out: Path, study: Mapping[str, Any], runs: Sequence[Mapping[str
         from .protocol_v2 import study_report
 
         text, numbers = study_report(runs)
+        from .contrasts import contrast_report
+
+        section, numbers["contrasts"] = contrast_report(runs)
+        text += ("\n" + section) if section else ""
         truth = _truth(study)
         if truth is not None:
             from .identity_effects import identity_report
