@@ -38,7 +38,7 @@ def write_forest_figure(paired: Mapping[str, Mapping[str, Mapping[str, float]]],
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 0.3 * len(names) + 1.3), sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) + 1.5, 0.3 * len(names) + 1.3), sharey=True)
     for ax, (key, title) in zip(axes, panels):
         for y, v in enumerate(names):
             c: Mapping[str, Any] = paired[v].get(key, {})
@@ -57,6 +57,10 @@ def write_forest_figure(paired: Mapping[str, Mapping[str, Mapping[str, float]]],
     axes[0].set_yticks(range(len(names)), names, fontsize=7)
     axes[0].invert_yaxis()
     fig.tight_layout()
+    # tight_layout does not always leave room for long variant names: 7-point characters are
+    # about 0.06 inch wide.
+    label_in = 0.06 * max(len(n) for n in names) + 0.15
+    fig.subplots_adjust(left=max(fig.subplotpars.left, label_in / fig.get_figwidth()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
