@@ -137,3 +137,12 @@ def test_synth_mixed_forms_are_a_usage_error(argv, message, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "usage: pfc synth" in err and "pfc synth: error: " in err and message in _flat(err), err
+
+
+def test_train_refuses_the_offline_phi_control_before_any_work(tmp_path, capsys):
+    rc = main(["train", "--config", "cpu_demo", "--set", "head.phi_refresh=offline",
+               "--set", f"run.output_dir={tmp_path}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "head.phi_refresh = 'offline'" in err and "pfc ablate" in err
+    assert not any(tmp_path.iterdir())  # nothing made: no run directory, no data

@@ -4,7 +4,7 @@ One command generates (or reuses) a synthetic identity dataset, trains every var
 seed with the same recipe and budget, evaluates each trained backbone on the held-out splits and
 writes ``results.json`` (every run) and ``table.md`` (mean +- std over seeds)::
 
-    pfc ablate --out runs/ablate                          # the study of docs/results.md
+    pfc ablate --out runs/ablate                          # the first study (docs/results-first-study.md)
     pfc ablate --out runs/ablate --variants arcface s6 --seeds 0 1
     pfc ablate --out runs/s6opts --runs-dir runs/ablate/runs --data runs/ablate/data \\
         --variants s6-options                             # a second table; reuses arcface and s6
@@ -24,16 +24,19 @@ a dot is a ``head.`` key; values are TOML literals or bare strings), e.g.
 
 The rooms, one job each:
 
-==================  ==========================================================================
-``spec.py``         what a study is: :class:`StudySpec`, :class:`Variant`, groups, spec files
-``data.py``         the dataset (made or reused), decoded held-out data, hard identities
-``protocol_v1.py``  protocol ``ablate-v1``: verification (all and hard pairs), clustering
-``protocol_v2.py``  protocol ``study-v2``: held-out groups, probes, phi, hooks, ``study.md``
-``stats.py``        statistics of study-v2 (all-pair TAR, correlations, paired intervals)
-``runner.py``       one run (config, fingerprint, reuse, train + evaluate), workers, the study loop
-``report.py``       ``results.json``, ``table.md``, paired differences, ``ablation.png``
-``cli.py``          ``pfc ablate``'s options (``add_arguments``), ``run``, ``main``
-==================  ==========================================================================
+========================= ======================================================================
+``spec.py``               what a study is: :class:`StudySpec`, :class:`Variant`, groups, spec files
+``data.py``               the dataset (made or reused), decoded held-out data, hard identities
+``protocol_v1.py``        protocol ``ablate-v1``: verification (all and hard pairs), clustering
+``protocol_v2.py``        protocol ``study-v2``: held-out groups, probes, phi, hooks, ``study.md``
+``stats.py``              statistics of study-v2 (all-pair TAR, correlations, paired intervals)
+``contrasts.py``          study-v2: each control against the variant it controls
+``identity_effects.py``   study-v2: per-class gain regressed on size, nuisance, family; margin rho
+``forest.py``             study-v2: ``differences.png`` (paired differences with intervals)
+``runner.py``             one run (config, fingerprint, reuse, train + evaluate), workers, the study loop
+``report.py``             ``results.json``, ``table.md``, paired differences, ``ablation.png``
+``cli.py``                ``pfc ablate``'s options (``add_arguments``), ``run``, ``main``
+========================= ======================================================================
 
 Importing this package is light (numpy, no torch or matplotlib); training code loads on use.
 """

@@ -1,7 +1,7 @@
 """Protocol ``study-v2`` of ``pfc ablate``: does cluster guidance help, and on which identities?
 
 Used when a study spec sets ``protocol = "study-v2"`` (see ``train/studies/cg_study.toml`` and
-docs/results.md, "Next study"). Next to training, every run:
+docs/results.md). Next to training, every run:
 
 * snapshots every class's phi at the end of every epoch (the bank is kept for every variant,
   ``head.track_clusters = true``, so the ArcFace baseline has a phi too) and, for variants with

@@ -26,6 +26,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"pfc train: config error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if cfg.head.phi_refresh == "offline":
+        # A study control: only `pfc ablate` runs the full pass that fills the bank, and the study
+        # found the online estimate better (docs/method.md, section 10). Refused before any work.
+        print("pfc train: config error: head.phi_refresh = 'offline' is a study control that only "
+              "`pfc ablate` supports (it refreshes the bank by a full pass every epoch); use 'online' "
+              "(docs/method.md, section 10)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         summary = run_training(cfg, export=not args.no_export)
     except input_errors() as e:

@@ -113,8 +113,8 @@ class HeadSection(_Section):
             One all-gather of every class's phi per step.
         phi_refresh: `"offline"`: the step leaves the bank alone; the caller rewrites it by a full
             pass over the training set (`partial_fc.cluster.offline_refresh`). `pfc ablate` does
-            this before the first step and after every epoch; `pfc train` does not, and the head
-            raises on its first step if the bank was never filled.
+            this before the first step and after every epoch; `pfc train` refuses it (exit 2):
+            the study found the online estimate better ([results.md](results.md)).
         track_clusters: Keep the bank even when the method does not need it.
         con_weight: Weight of the contrastive-slot loss.
         ali_weight: Weight of the cluster-aligning loss.
