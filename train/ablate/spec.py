@@ -50,6 +50,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "s2",                                   # Con, adaptive temperature
         "s2:phi_shuffle=temperature",           # same temperatures, permuted across classes
         "s2:temperature=fixed",                 # one temperature for all classes
+        "s2:phi_count_norm=size",               # temperatures from the class size alone
         "s6",                                   # the full method
     ),
 }
