@@ -109,7 +109,12 @@ def test_synth_recipe_form_carries_the_study_options(tmp_path, monkeypatch):
     from train.cli.data import synth_config
     from train.config import ConfigError, SynthDataConfig, load_config
 
-    assert set(synth._STUDY_FIELDS) <= {f.name for f in dataclasses.fields(SynthDataConfig)}
+    # The same keys with the same defaults in the generator, the recipe section and a study spec.
+    from train.ablate.spec import StudySpec
+
+    for cls in (SynthDataConfig, StudySpec):
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        assert {k: defaults.get(k) for k in synth._STUDY_FIELDS} == synth._STUDY_DEFAULTS, cls
     sets = ["data.synth.family_size=4", "data.synth.family_share=0.85", "data.synth.size_distribution=powerlaw",
             "data.synth.images_min=3", "data.synth.images_max=50", "data.synth.size_exponent=1.5",
             "data.synth.probe_images_per_identity=2", "data.synth.family_fraction=0.25"]

@@ -31,13 +31,12 @@ __all__ = ["run_config", "fingerprint", "finished_result", "train_and_evaluate",
 _LATER_DEFAULTS = {("data", "image_size"): 112, ("head", "phi_count_norm"): "log", ("head", "phi_shuffle"): "none",
                    ("head", "phi_refresh"): "online", ("checkpoint", "async_save"): True,
                    ("checkpoint", "keep_best"): "", ("checkpoint", "keep_best_mode"): "max",
-                   ("model", "init_from"): "",
-                   # The study test bed's options of [data.synth] (runs read data.train_rec, and the
-                   # dataset's own settings are in the fingerprint's "dataset").
-                   **{("data.synth", k): v for k, v in (
-                       ("family_size", 1), ("family_fraction", 0.5), ("family_share", 0.8),
-                       ("size_distribution", "fixed"), ("images_min", 2), ("images_max", 200),
-                       ("size_exponent", 1.0), ("probe_images_per_identity", 0))}}
+                   ("model", "init_from"): ""}
+#: The study test bed's keys of [data.synth], added later too (runs read data.train_rec, and the
+#: dataset's own settings are in the fingerprint's "dataset"); their defaults are read from
+#: train.config.SynthDataConfig when a fingerprint is made.
+_LATER_SYNTH_KEYS = ("family_size", "family_fraction", "family_share", "size_distribution", "images_min",
+                     "images_max", "size_exponent", "probe_images_per_identity")
 # Sections added after the first study; dropped from the fingerprint while all their keys are at
 # their defaults (above), so that its finished runs stay reusable.
 _LATER_SECTIONS = ("model",)
@@ -57,7 +56,12 @@ def fingerprint(cfg_dict: Mapping[str, Any], spec: StudySpec) -> str:
     c.get("run", {}).pop("output_dir", None)
     c.get("data", {}).pop("train_rec", None)
     c.get("data", {}).get("synth", {}).pop("out_dir", None)
-    for (section, key), default in _LATER_DEFAULTS.items():
+    from ..config import SynthDataConfig
+
+    later = dict(_LATER_DEFAULTS)
+    later.update({("data.synth", f.name): f.default for f in dataclasses.fields(SynthDataConfig)
+                  if f.name in _LATER_SYNTH_KEYS})
+    for (section, key), default in later.items():
         table = c
         for part in section.split("."):
             table = table.get(part, {})
