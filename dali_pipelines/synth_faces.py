@@ -135,7 +135,7 @@ class SynthConfig:
         Datasets made with the defaults keep the exact record (and bytes) of earlier versions.
         """
         d = json.loads(json.dumps(asdict(self)))
-        for f in _STUDY_FIELDS:
+        for f in STUDY_OPTIONS:
             if d[f] == _STUDY_DEFAULTS[f]:
                 d.pop(f)
         return d
@@ -154,9 +154,11 @@ class SynthConfig:
 
 
 SIZE_DISTRIBUTIONS = ("fixed", "powerlaw")
-_STUDY_FIELDS = ("family_size", "family_fraction", "family_share", "size_distribution", "images_min",
+#: The test bed's options of :class:`SynthConfig` (families, class sizes, probes). The recipe's
+#: ``[data.synth]`` and ``pfc ablate``'s ``StudySpec`` carry the same keys with the same defaults.
+STUDY_OPTIONS = ("family_size", "family_fraction", "family_share", "size_distribution", "images_min",
                  "images_max", "size_exponent", "probe_images_per_identity")
-_STUDY_DEFAULTS = {f: getattr(SynthConfig, f) for f in _STUDY_FIELDS}
+_STUDY_DEFAULTS = {f: getattr(SynthConfig, f) for f in STUDY_OPTIONS}
 
 
 def power_law_sizes(n: int, lo: int, hi: int, exponent: float, seed: int) -> list[int]:

@@ -114,7 +114,7 @@ def test_synth_recipe_form_carries_the_study_options(tmp_path, monkeypatch):
 
     for cls in (SynthDataConfig, StudySpec):
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        assert {k: defaults.get(k) for k in synth._STUDY_FIELDS} == synth._STUDY_DEFAULTS, cls
+        assert {k: defaults.get(k) for k in synth.STUDY_OPTIONS} == synth._STUDY_DEFAULTS, cls
     sets = ["data.synth.family_size=4", "data.synth.family_share=0.85", "data.synth.size_distribution=powerlaw",
             "data.synth.images_min=3", "data.synth.images_max=50", "data.synth.size_exponent=1.5",
             "data.synth.probe_images_per_identity=2", "data.synth.family_fraction=0.25"]
@@ -123,7 +123,7 @@ def test_synth_recipe_form_carries_the_study_options(tmp_path, monkeypatch):
         4, 0.85, "powerlaw", 3, 50)
     assert (sc.size_exponent, sc.probe_images_per_identity, sc.family_fraction) == (1.5, 2, 0.25)
     # The defaults give the record of a dataset made before these options existed.
-    assert not set(synth._STUDY_FIELDS) & set(synth_config(load_config("cpu_demo")).record())
+    assert not set(synth.STUDY_OPTIONS) & set(synth_config(load_config("cpu_demo")).record())
     for bad, key in (("data.synth.size_distribution=zipf", "size_distribution"),
                      ("data.synth.images_max=1", "images_max"), ("data.synth.family_share=1.5", "family_share")):
         with pytest.raises(ConfigError, match=f"data.synth.{key}"):

@@ -32,11 +32,8 @@ _LATER_DEFAULTS = {("data", "image_size"): 112, ("head", "phi_count_norm"): "log
                    ("head", "phi_refresh"): "online", ("checkpoint", "async_save"): True,
                    ("checkpoint", "keep_best"): "", ("checkpoint", "keep_best_mode"): "max",
                    ("model", "init_from"): ""}
-#: The study test bed's keys of [data.synth], added later too (runs read data.train_rec, and the
-#: dataset's own settings are in the fingerprint's "dataset"); their defaults are read from
-#: train.config.SynthDataConfig when a fingerprint is made.
-_LATER_SYNTH_KEYS = ("family_size", "family_fraction", "family_share", "size_distribution", "images_min",
-                     "images_max", "size_exponent", "probe_images_per_identity")
+# The test bed's keys of [data.synth] (dali_pipelines.synth_faces.STUDY_OPTIONS) came later too;
+# runs read data.train_rec, and the dataset's own settings are in the fingerprint's "dataset".
 # Sections added after the first study; dropped from the fingerprint while all their keys are at
 # their defaults (above), so that its finished runs stay reusable.
 _LATER_SECTIONS = ("model",)
@@ -56,11 +53,13 @@ def fingerprint(cfg_dict: Mapping[str, Any], spec: StudySpec) -> str:
     c.get("run", {}).pop("output_dir", None)
     c.get("data", {}).pop("train_rec", None)
     c.get("data", {}).get("synth", {}).pop("out_dir", None)
+    from dali_pipelines.synth_faces import STUDY_OPTIONS
+
     from ..config import SynthDataConfig
 
     later = dict(_LATER_DEFAULTS)
     later.update({("data.synth", f.name): f.default for f in dataclasses.fields(SynthDataConfig)
-                  if f.name in _LATER_SYNTH_KEYS})
+                  if f.name in STUDY_OPTIONS})
     for (section, key), default in later.items():
         table = c
         for part in section.split("."):

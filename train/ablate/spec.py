@@ -188,17 +188,14 @@ class StudySpec:
 
     def synth_config(self):
         """The generator's :class:`dali_pipelines.synth_faces.SynthConfig` of this study."""
-        from dali_pipelines.synth_faces import SynthConfig
+        from dali_pipelines.synth_faces import STUDY_OPTIONS, SynthConfig
 
         return SynthConfig(
             train_identities=self.identities, images_per_identity=self.images_per_identity,
             ver_identities=self.ver_identities, ver_images_per_identity=self.ver_images_per_identity,
             ver_pairs=self.ver_pairs, cluster_identities=self.cluster_identities,
             cluster_images_per_identity=self.cluster_images_per_identity, seed=self.data_seed,
-            image_size=self.image_size, family_size=self.family_size, family_fraction=self.family_fraction,
-            family_share=self.family_share, size_distribution=self.size_distribution, images_min=self.images_min,
-            images_max=self.images_max, size_exponent=self.size_exponent,
-            probe_images_per_identity=self.probe_images_per_identity,
+            image_size=self.image_size, **{key: getattr(self, key) for key in STUDY_OPTIONS},
         )
 
     def study_sets(self) -> list[str]:

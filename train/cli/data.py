@@ -28,14 +28,12 @@ _RECIPE_OPTIONS = (("config", "--config", lambda v: v is not None), ("overrides"
 
 def synth_config(cfg) -> "object":
     """The ``dali_pipelines.synth_faces.SynthConfig`` that ``cfg.data.synth`` describes."""
-    from dali_pipelines.synth_faces import SynthConfig
+    from dali_pipelines.synth_faces import STUDY_OPTIONS, SynthConfig
 
     s = cfg.data.synth
     return SynthConfig(train_identities=s.identities, images_per_identity=s.images_per_identity,
                        ver_pairs=s.verification_pairs, image_size=s.image_size, seed=s.seed,
-                       family_size=s.family_size, family_fraction=s.family_fraction, family_share=s.family_share,
-                       size_distribution=s.size_distribution, images_min=s.images_min, images_max=s.images_max,
-                       size_exponent=s.size_exponent, probe_images_per_identity=s.probe_images_per_identity)
+                       **{key: getattr(s, key) for key in STUDY_OPTIONS})
 
 
 def ensure_synthetic_dataset(cfg, *, force: bool = False, progress: bool = True, workers=None) -> dict:
